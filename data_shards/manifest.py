@@ -1,0 +1,83 @@
+"""The shard manifest: what a training run needs to know about a shard folder.
+
+Each slide writes ``<slide>/slide_manifest.json`` when (and only when) all of its shards are in
+place; ``manifest.json`` at the top is built from those, so a crashed or still-running slide is
+never listed. The merge step works the same on one machine and after a SLURM array job.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+from pathlib import Path
+
+from .atomic import write_json
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+SLIDE_MANIFEST_NAME = "slide_manifest.json"
+FORMAT_VERSION = 1
+
+
+def slide_manifests(shard_dir: str | Path) -> list[dict]:
+    """Completed slides under ``shard_dir`` (each in its own folder), sorted by slide id."""
+    found = []
+    for path in sorted(Path(shard_dir).glob(f"*/{SLIDE_MANIFEST_NAME}")):
+        try:
+            found.append(json.loads(path.read_text()))
+        except json.JSONDecodeError as exc:
+            raise InputError(path, None, "valid JSON", str(exc)) from exc
+    return found
+
+
+def merge_manifests(shard_dir: str | Path, vocabulary: dict, config: dict, tech_mean: dict | None = None) -> dict:
+    """Write ``manifest.json`` listing every completed slide's shards; return it."""
+    shard_dir = Path(shard_dir)
+    slides = slide_manifests(shard_dir)
+    if not slides:
+        raise InputError(shard_dir, SLIDE_MANIFEST_NAME, "at least one completed slide", "none")
+    for slide in slides:
+        if slide["vocabulary_sha256"] != vocabulary["sha256"]:
+            raise InputError(
+                shard_dir / slide["slide"] / SLIDE_MANIFEST_NAME, "vocabulary_sha256",
+                f"the shared vocabulary {vocabulary['sha256'][:12]}", slide["vocabulary_sha256"][:12],
+            )
+    shards = [
+        {"path": f"{slide['slide']}/{shard['path']}", "n_samples": shard["n_samples"], "slide": slide["slide"]}
+        for slide in slides
+        for shard in slide["shards"]
+    ]
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "n_samples": sum(s["n_samples"] for s in shards),
+        "n_shards": len(shards),
+        "shards": shards,
+        "sample_keys": ["jpg", "tokens.npy", "nbr_tokens.npy", "nbr_offsets.npy", "json"],
+        "vocabulary": vocabulary,
+        "tech_mean": tech_mean,
+        "slides": {s["slide"]: {k: v for k, v in s.items() if k != "shards"} for s in slides},
+        "config": config,
+    }
+    write_json(shard_dir / MANIFEST_NAME, manifest)
+    log.info("manifest: %d samples in %d shards from %d slides", manifest["n_samples"], len(shards), len(slides))
+    return manifest
+
+
+def load_manifest(path: str | Path) -> dict:
+    """Read a manifest (the file, or the folder holding it) and check its shards exist."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    if not path.is_file():
+        raise InputError(path, None, "a shard manifest written by make_shards", "no such file")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise InputError(path, "format_version", str(FORMAT_VERSION), manifest.get("format_version"))
+    missing = [s["path"] for s in manifest["shards"] if not (path.parent / s["path"]).is_file()]
+    if missing:
+        raise InputError(path, "shards", "every listed shard on disk", f"{len(missing)} missing, e.g. {missing[0]}")
+    manifest["root"] = str(path.parent)
+    return manifest
