@@ -1,0 +1,237 @@
+"""The PAST objective: a CLIP loss whose targets are softened by within-modality similarity.
+
+For a global batch of B cell/image pairs with L2-normalised embeddings c_i, m_i (B, D) and a
+temperature τ:
+
+    logits  = c · mᵀ / τ                                   (B, B)  cell → image
+    S       = (c · cᵀ + m · mᵀ) / (2τ)                     (B, B)  symmetric similarity
+    targets = softmax_row(S)
+    loss    = ½ [ CE(logits, targets) + CE(logitsᵀ, targetsᵀ) ]
+
+where CE(z, t) = mean_i −Σ_j t_ij log softmax(z_i)_j. Pairs of cells that look alike in both
+modalities are thus not pushed apart as hard as in plain CLIP. As in BLEEP (Xie et al. 2023,
+where this soft-target CLIP loss for histology/expression pairs comes from), the image → cell
+direction uses targetsᵀ literally: targets is a row-softmax, so targetsᵀ (the column-softmax
+of S) differs from it and its rows need not sum to 1 (they do on average), which weights each
+image by how much the other pairs' targets point at it. Using targets itself in both
+directions would be the normalised alternative; we keep the published formula.
+
+Targets are detached (treated as labels). BLEEP-style code lets gradients flow through them;
+we do not, because the cross-entropy's gradient w.r.t. its target pushes intra-modal
+similarities towards the cross-modal logits and adds an entropy-minimising term on the
+targets, an objective the PAST formula does not state; as labels they only reweight the
+negatives. `detach_targets=False` restores the other convention.
+
+Distributed: with torch.distributed initialised, embeddings are gathered from every rank with
+gradient and each rank computes only its block of rows (B_local rows × B global columns) in
+both directions, each row softmax running over the whole global batch (open_clip's
+`local_loss=True, gather_with_grad=True`). The rank's differentiable loss L_r is the mean over
+its rows, so the full-batch loss is L = mean_r L_r; all_gather's backward sends each rank
+Σ_r ∂L_r/∂(its rows), and DeepSpeed/DDP's average of parameter gradients over ranks then
+gives exactly ∂L/∂θ. The VALUE returned is the global L on every rank (L_r plus a detached
+correction), so logging and tests see the same number as a single process holding the batch.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from data_shards.errors import InputError
+from pretrain.distributed import (
+    all_gather_no_grad,
+    all_gather_with_grad,
+    all_reduce_mean,
+    all_reduce_sum,
+    check_equal_local_batch,
+    is_distributed,
+    rank,
+)
+
+TEMPERATURE_MIN = 0.01
+TEMPERATURE_MAX = 1.0
+
+
+class LearnableTemperature(nn.Module):
+    """Learnable softmax temperature τ, stored as CLIP's logit_scale = log(1/τ).
+
+    Kept within [min_temperature, max_temperature] twice over: `clamp_()` after each optimizer
+    step (keeps the stored value in range, so it never drifts out where it gets no gradient)
+    and a clamp in `forward()` (a safety net, e.g. under ZeRO-3 where the parameter is
+    partitioned and clamping it in place is not possible on every rank). Exclude
+    `logit_scale` from weight decay.
+    """
+
+    def __init__(
+        self,
+        init_temperature: float = 0.07,
+        min_temperature: float = TEMPERATURE_MIN,
+        max_temperature: float = TEMPERATURE_MAX,
+    ):
+        super().__init__()
+        if not 0 < min_temperature <= init_temperature <= max_temperature:
+            raise InputError(
+                None,
+                "temperature",
+                "0 < min_temperature <= init_temperature <= max_temperature",
+                (min_temperature, init_temperature, max_temperature),
+            )
+        # logit_scale = log(1/τ) lies in [log(1/max), log(1/min)].
+        self.min_logit_scale = math.log(1.0 / max_temperature)
+        self.max_logit_scale = math.log(1.0 / min_temperature)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+
+    def forward(self) -> torch.Tensor:
+        """τ as a 0-dim tensor, differentiable w.r.t. logit_scale inside the allowed range."""
+        logit_scale = self.logit_scale.clamp(self.min_logit_scale, self.max_logit_scale)
+        return torch.exp(-logit_scale)
+
+    @torch.no_grad()
+    def clamp_(self) -> "LearnableTemperature":
+        """Clamp the stored logit_scale in place; call after every optimizer step."""
+        self.logit_scale.clamp_(self.min_logit_scale, self.max_logit_scale)
+        return self
+
+    @property
+    def temperature(self) -> float:
+        """Current τ as a Python float (for logging)."""
+        return float(self.forward().detach())
+
+
+def _check_embedding_pair(img_emb: torch.Tensor, cell_emb: torch.Tensor, check_normalized: bool) -> None:
+    for name, emb in (("img_emb", img_emb), ("cell_emb", cell_emb)):
+        if emb.ndim != 2 or emb.shape[0] == 0:
+            raise InputError(None, name, "a non-empty (B, D) tensor of embeddings", tuple(emb.shape))
+        if not emb.is_floating_point():
+            raise InputError(None, name, "a floating-point tensor", emb.dtype)
+    if img_emb.shape != cell_emb.shape:
+        raise InputError(
+            None, "img_emb/cell_emb", "the same (B, D) shape for both modalities",
+            (tuple(img_emb.shape), tuple(cell_emb.shape)),
+        )
+    if check_normalized:  # costs a device sync, so only on request
+        for name, emb in (("img_emb", img_emb), ("cell_emb", cell_emb)):
+            norms = emb.detach().float().norm(dim=-1)
+            if not torch.allclose(norms, torch.ones_like(norms), atol=1e-3):
+                raise InputError(
+                    None, name, "L2-normalised rows (norm 1)",
+                    f"norms in [{norms.min().item():.4g}, {norms.max().item():.4g}]",
+                )
+
+
+def _as_temperature(temperature: float | torch.Tensor | LearnableTemperature) -> float | torch.Tensor:
+    if isinstance(temperature, LearnableTemperature):
+        return temperature()
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1:
+            raise InputError(None, "temperature", "a scalar", tuple(temperature.shape))
+        return temperature.reshape(())
+    if not temperature > 0:
+        raise InputError(None, "temperature", "a positive number", temperature)
+    return float(temperature)
+
+
+def _block_loss(
+    img_rows: torch.Tensor,
+    cell_rows: torch.Tensor,
+    img_all: torch.Tensor,
+    cell_all: torch.Tensor,
+    temperature: float | torch.Tensor,
+    detach_targets: bool,
+    group: dist.ProcessGroup | None,
+) -> torch.Tensor:
+    """Mean over the given rows of the two-direction soft-target loss against all columns.
+
+    img_rows, cell_rows: (B_rows, D), the rows this process is responsible for.
+    img_all, cell_all: (B, D), the whole (global) batch; columns of every softmax.
+    """
+    logits_cell_to_img = cell_rows @ img_all.T / temperature  # (B_rows, B): rows of logits
+    logits_img_to_cell = img_rows @ cell_all.T / temperature  # (B_rows, B): rows of logitsᵀ
+    # S = (c·cᵀ + m·mᵀ)/(2τ) is symmetric, so S[rows] also gives the rows of Sᵀ.
+    similarity = (cell_rows @ cell_all.T + img_rows @ img_all.T) / (2 * temperature)  # (B_rows, B)
+    if detach_targets:
+        similarity = similarity.detach()
+    # targets = row-softmax(S); targetsᵀ[i, j] = targets[j, i] = exp(S[i, j] − logsumexp(S[j, :])),
+    # which needs every global row's log-normaliser: one (B,) gather.
+    row_log_normaliser = torch.logsumexp(similarity, dim=-1)  # (B_rows,)
+    if is_distributed(group):
+        gather = all_gather_no_grad if detach_targets else all_gather_with_grad
+        all_row_log_normaliser = gather(row_log_normaliser, group)  # (B,)
+    else:
+        all_row_log_normaliser = row_log_normaliser
+    targets_rows = torch.exp(similarity - row_log_normaliser[:, None])  # rows of targets, each sums to 1
+    targets_t_rows = torch.exp(similarity - all_row_log_normaliser[None, :])  # rows of targetsᵀ
+    loss_cell_to_img = -(targets_rows * F.log_softmax(logits_cell_to_img, dim=-1)).sum(-1).mean()
+    loss_img_to_cell = -(targets_t_rows * F.log_softmax(logits_img_to_cell, dim=-1)).sum(-1).mean()
+    return 0.5 * (loss_cell_to_img + loss_img_to_cell)
+
+
+def similarity_adjusted_loss(
+    img_emb: torch.Tensor,
+    cell_emb: torch.Tensor,
+    temperature: float | torch.Tensor | LearnableTemperature,
+    *,
+    group: dist.ProcessGroup | None = None,
+    detach_targets: bool = True,
+    check_normalized: bool = False,
+) -> torch.Tensor:
+    """The PAST similarity-adjusted contrastive loss over the global batch (module docstring).
+
+    img_emb, cell_emb: (B_local, D) L2-normalised embeddings of the same cells, row i of one
+    paired with row i of the other; every rank must hold the same B_local. They are not
+    re-normalised here (pass `check_normalized=True` to verify, at the cost of a device sync).
+    temperature: τ as a float, a 0-dim tensor (learnable) or a LearnableTemperature.
+    Computed in at least float32 whatever the input dtype (bf16 logits / B-way softmax lose
+    too much precision). Returns a 0-dim tensor whose value is the full-batch loss on every
+    rank and whose gradients, averaged over ranks, are the full-batch gradients.
+    """
+    _check_embedding_pair(img_emb, cell_emb, check_normalized)
+    tau = _as_temperature(temperature)
+    compute_dtype = torch.promote_types(img_emb.dtype, torch.float32)
+    img_rows, cell_rows = img_emb.to(compute_dtype), cell_emb.to(compute_dtype)
+    if isinstance(tau, torch.Tensor):
+        tau = tau.to(compute_dtype)
+
+    if not is_distributed(group):
+        return _block_loss(img_rows, cell_rows, img_rows, cell_rows, tau, detach_targets, group)
+
+    check_equal_local_batch(img_rows.shape[0], group, what="img_emb/cell_emb")
+    img_all = all_gather_with_grad(img_rows, group)  # (B, D), B = world_size · B_local
+    cell_all = all_gather_with_grad(cell_rows, group)
+    local_loss = _block_loss(img_rows, cell_rows, img_all, cell_all, tau, detach_targets, group)
+    # Report the global value while keeping this rank's gradient (see module docstring).
+    return local_loss + (all_reduce_mean(local_loss, group) - local_loss.detach())
+
+
+@torch.no_grad()
+def retrieval_accuracy(
+    img_emb: torch.Tensor,
+    cell_emb: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+) -> tuple[float, float]:
+    """Top-1 cross-modal retrieval accuracy on the global batch, for logging.
+
+    img_emb, cell_emb: (B_local, D) embeddings (cosine similarity is used, so normalisation is
+    optional). Returns (image → cell, cell → image): the fraction of images whose most similar
+    cell in the global batch is their own cell, and vice versa. Each rank scores its own rows
+    against the gathered columns and the counts are summed, so memory stays B_local × B.
+    """
+    _check_embedding_pair(img_emb, cell_emb, check_normalized=False)
+    img_rows = F.normalize(img_emb.float(), dim=-1)
+    cell_rows = F.normalize(cell_emb.float(), dim=-1)
+    check_equal_local_batch(img_rows.shape[0], group, what="img_emb/cell_emb")
+    img_all = all_gather_no_grad(img_rows, group)  # (B, D)
+    cell_all = all_gather_no_grad(cell_rows, group)
+    own_column = torch.arange(img_rows.shape[0], device=img_rows.device) + rank(group) * img_rows.shape[0]
+    correct = torch.stack(
+        [
+            ((img_rows @ cell_all.T).argmax(dim=-1) == own_column).sum(),  # image → cell
+            ((cell_rows @ img_all.T).argmax(dim=-1) == own_column).sum(),  # cell → image
+        ]
+    ).to(torch.float64)
+    fractions = all_reduce_sum(correct, group) / img_all.shape[0]
+    return float(fractions[0]), float(fractions[1])
