@@ -14,15 +14,26 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def _default_mode(is_dir: bool) -> int:
+    # mkstemp/mkdtemp create private (0600/0700) entries; outputs should get the usual umask mode
+    # so that other users of a shared cluster filesystem can read them.
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if is_dir else 0o666) & ~umask
+
+
 def _temporary_sibling(final: Path, is_dir: bool) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     # Leading dot and ".partial" so globbing readers (e.g. "*.tar") never pick it up.
     prefix = f".{final.name}."
     if is_dir:
-        return Path(tempfile.mkdtemp(prefix=prefix, suffix=".partial", dir=final.parent))
-    fd, name = tempfile.mkstemp(prefix=prefix, suffix=".partial", dir=final.parent)
-    os.close(fd)
-    return Path(name)
+        path = Path(tempfile.mkdtemp(prefix=prefix, suffix=".partial", dir=final.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=".partial", dir=final.parent)
+        os.close(fd)
+        path = Path(name)
+    os.chmod(path, _default_mode(is_dir))
+    return path
 
 
 @contextlib.contextmanager
