@@ -14,12 +14,20 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def _read_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+# Read once at import: os.umask can only be read by setting it, which is not thread-safe.
+_UMASK = _read_umask()
+
+
 def _default_mode(is_dir: bool) -> int:
     # mkstemp/mkdtemp create private (0600/0700) entries; outputs should get the usual umask mode
     # so that other users of a shared cluster filesystem can read them.
-    umask = os.umask(0)
-    os.umask(umask)
-    return (0o777 if is_dir else 0o666) & ~umask
+    return (0o777 if is_dir else 0o666) & ~_UMASK
 
 
 def _temporary_sibling(final: Path, is_dir: bool) -> Path:
