@@ -1,0 +1,347 @@
+"""From registered Xenium bundles to webdataset shards: the `make_shards` stage.
+
+Per slide: read the bundle, load (or fit) its registration, QC the cells, rank-tokenize them,
+find their spatial neighbours, cut a crop at every cell while visiting the slide in spatial
+order, and write shuffled shards. Everything a slide writes goes into one temporary folder that
+is renamed to ``<shard_dir>/<slide_id>/`` only when complete, so a crash mid-slide leaves nothing
+that a reader would pick up, and a re-run skips slides already done. ``manifest.json`` at the top
+is merged from the completed slides' manifests (also after a SLURM array job).
+
+Config (OmegaConf; every key has a default in ``DEFAULTS``)::
+
+    out_dir: shard folder
+    slides: [{id, bundle, he_slide (relative to bundle), registration (json path or null), meta {}}]
+    vocab: "panel" (build from the bundles' genes) or a path (gene list / Nicheformer model.h5ad)
+    tech_mean: "compute" (from the training cells, saved as tech_mean.npy), a .npy path, or null
+    matrix / min_qv: how counts are read (see data_shards.xenium.read_xenium)
+    tokens, neighbours, crop, qc, shards, register: see DEFAULTS
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from .atomic import atomic_dir, write_json
+from .config import save_config
+from .crops import CropReader, encode_jpeg
+from .errors import InputError
+from .manifest import SLIDE_MANIFEST_NAME, merge_manifests
+from .neighbours import find_neighbours, neighbour_sample
+from .qc import apply_filters, on_tissue, tissue_mask
+from .register import Registration, register_bundle
+from .slide import Slide
+from .tokenize import compute_tech_mean, load_tech_mean, rank_tokens_with_report, save_tech_mean
+from .vocabulary import Vocabulary
+from .writer import ShuffledShardWriter, encode_sample, plan_shards
+from .xenium import read_xenium
+
+log = logging.getLogger(__name__)
+
+DEFAULTS: dict[str, Any] = {
+    "out_dir": "runs/shards",
+    "slides": [],
+    "only_slides": None,  # list of slide ids to process (a SLURM array task passes one); null = all
+    "workers": 1,  # slides processed in parallel processes
+    "merge": True,  # write manifest.json after the slides
+    "vocab": "panel",
+    "tech_mean": "compute",
+    "matrix": "auto",
+    "min_qv": 20.0,
+    "tokens": {"context_length": 300, "assay": "xenium", "modality": "spatial", "organism": "human"},
+    "neighbours": {"k": 8, "radius_um": 50.0},
+    "crop": {"size_px": 224, "target_um_per_px": None, "out_of_bounds": "pad", "on_read_error": "skip", "block_px": 2048},
+    "qc": {"min_transcripts": 10, "min_genes": 3, "require_nucleus": True, "on_tissue": True, "tissue_thumbnail_px": 2048},
+    "shards": {"samples_per_shard": 2000, "jpeg_quality": 90, "group_um": None, "seed": 0},
+    "register": {},  # data_shards.register.DEFAULT_CONFIG overrides, for slides without a saved registration
+    "progress": True,
+}
+
+
+def slide_config_hash(cfg: DictConfig, slide: DictConfig, vocab_sha: str) -> str:
+    """What decides a slide's samples: re-running with the same hash may skip the slide."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    relevant = {k: resolved.get(k) for k in ("matrix", "min_qv", "tokens", "neighbours", "crop", "qc", "shards", "register")}
+    relevant["slide"] = OmegaConf.to_container(slide, resolve=True) if isinstance(slide, DictConfig) else slide
+    relevant["vocab_sha256"] = vocab_sha
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _check_slide_entry(slide: DictConfig, index: int) -> None:
+    for key in ("id", "bundle"):
+        if not slide.get(key):
+            raise InputError(None, f"slides[{index}].{key}", "a value", None)
+    if any(c in str(slide.id) for c in "./\\ "):
+        raise InputError(None, f"slides[{index}].id", "a slide id without '.', '/', '\\' or spaces (it names files and sample keys)", slide.id)
+
+
+def _registration_for(slide: DictConfig, cfg: DictConfig, bundle: Path, stage_dir: Path) -> tuple[Registration, dict]:
+    """The slide's saved registration, or a fresh fit (its report and overlay kept in the slide folder)."""
+    if slide.get("registration"):
+        path = Path(slide.registration)
+        if not path.is_file():
+            raise InputError(path, f"slides[{slide.id}].registration", "a registration saved by `make_shards.py register`", "no such file")
+        registration = Registration.from_json(path)
+        report_path = path.with_name("registration_report.json")
+        report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+        return registration, report
+    register_cfg = OmegaConf.merge(OmegaConf.create({"he_slide": slide.get("he_slide", "he/post_xenium_he.ome.tif")}), cfg.register)
+    report = register_bundle(bundle, stage_dir / "registration", register_cfg)
+    return Registration.from_json(stage_dir / "registration" / "registration.json"), report
+
+
+def _qc(adata, he_px: np.ndarray, slide_image: Slide, qc_cfg: DictConfig) -> Any:
+    obs = adata.obs
+    checks: dict[str, np.ndarray] = {}
+    checks["min_transcripts"] = obs["transcript_counts"].to_numpy() >= qc_cfg.min_transcripts
+    checks["min_genes"] = np.diff(adata.X.indptr) >= qc_cfg.min_genes
+    if qc_cfg.require_nucleus and "nucleus_area" in obs:
+        checks["nucleus_present"] = np.nan_to_num(obs["nucleus_area"].to_numpy(dtype=float)) > 0
+    if qc_cfg.on_tissue:
+        thumb, downsample = slide_image.thumbnail(int(qc_cfg.tissue_thumbnail_px))
+        checks["on_tissue"] = on_tissue(he_px, tissue_mask(thumb), downsample)
+    return apply_filters(adata.n_obs, checks)
+
+
+def _sample_meta(slide_id: str, cell_id: str, xy_um: np.ndarray, he_px: np.ndarray, obs_row: dict,
+                 n_genes: int, n_neighbours: int, region: int, crop_um_per_px: float, meta: dict) -> dict:
+    out = {
+        "cell_id": cell_id,
+        "slide": slide_id,
+        "x_um": round(float(xy_um[0]), 3),
+        "y_um": round(float(xy_um[1]), 3),
+        "he_x_px": round(float(he_px[0]), 3),
+        "he_y_px": round(float(he_px[1]), 3),
+        "crop_um_per_px": crop_um_per_px,
+        "registration_region": int(region),
+        "n_genes": int(n_genes),
+        "n_neighbours": int(n_neighbours),
+    }
+    for key, value in obs_row.items():
+        if isinstance(value, (np.floating, float)) and not np.isfinite(value):
+            value = None
+        out[key] = value.item() if hasattr(value, "item") else value
+    out.update(meta)
+    return out
+
+
+def shard_slide(slide: DictConfig, cfg: DictConfig, vocab: Vocabulary, tech_mean: np.ndarray | None, shard_dir: Path) -> dict:
+    """Write ``shard_dir/<slide.id>/`` (shards, slide manifest, QC and registration reports)."""
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(timings.get(name, 0.0) + now - clock, 3)
+        clock = now
+
+    slide_id = str(slide.id)
+    bundle = Path(slide.bundle)
+    final_dir = shard_dir / slide_id
+    with atomic_dir(final_dir) as stage:
+        adata = read_xenium(bundle, matrix=cfg.matrix, min_qv=cfg.min_qv)
+        lap("read")
+        registration, registration_report = _registration_for(slide, cfg, bundle, stage)
+        xy_um = adata.obsm["spatial"].astype(np.float64)  # (n_cells, 2) µm
+        he_px = registration.map(xy_um)  # (n_cells, 2) H&E level-0 px
+        regions = registration.region_of(xy_um)
+        lap("register")
+        with Slide(bundle / slide.get("he_slide", "he/post_xenium_he.ome.tif")) as image:
+            qc = _qc(adata, he_px, image, cfg.qc)
+            keep = np.flatnonzero(qc.keep)
+            if len(keep) == 0:
+                raise InputError(bundle, "cells", "at least one cell passing QC", qc.summary())
+            cells = adata[keep]
+            lap("qc")
+            tokens, token_report = rank_tokens_with_report(
+                cells, vocab, tech_mean, cfg.tokens.context_length, cfg.tokens.assay, cfg.tokens.modality, cfg.tokens.organism
+            )
+            lap("tokenize")
+            kept_xy, kept_px = xy_um[keep], he_px[keep]
+            neighbours = find_neighbours(kept_xy, k=cfg.neighbours.k, radius_um=cfg.neighbours.radius_um, path=bundle)
+            plan = plan_shards(kept_xy, cfg.shards.samples_per_shard, seed=int(cfg.shards.seed), group_um=cfg.shards.group_um)
+            lap("neighbours")
+            reader = CropReader.from_config(image, cfg.crop, progress=bool(cfg.progress))
+            crop_um_per_px = float(cfg.crop.target_um_per_px or image.um_per_px)
+            obs_columns = [c for c in ("transcript_counts", "cell_area", "nucleus_area") if c in cells.obs]
+            obs_values = {c: cells.obs[c].to_numpy() for c in obs_columns}
+            n_genes = np.diff(cells.X.indptr)
+            cell_ids = cells.obs_names.to_numpy()
+            meta = OmegaConf.to_container(slide.get("meta", {}) or {}, resolve=True)
+            writer = ShuffledShardWriter(stage, slide_id, plan, seed=int(cfg.shards.seed))
+            encode_time = 0.0
+            try:
+                for j, crop in reader.iter_crops(kept_px):
+                    t0 = time.perf_counter()
+                    jpg = encode_jpeg(crop, int(cfg.shards.jpeg_quality))
+                    encode_time += time.perf_counter() - t0
+                    nbr_tokens, nbr_offsets = neighbour_sample(j, tokens, neighbours)
+                    sample_meta = _sample_meta(
+                        slide_id, str(cell_ids[j]), kept_xy[j], kept_px[j], {c: v[j] for c, v in obs_values.items()},
+                        n_genes[j], len(nbr_tokens), regions[keep[j]], crop_um_per_px, meta,
+                    )
+                    writer.add(j, encode_sample(f"{slide_id}_{j:08d}", jpg, tokens[j], nbr_tokens, nbr_offsets, sample_meta))
+                lap("crop_encode")
+                timings["encode_jpeg"] = round(encode_time, 3)
+                shards = writer.finish()
+            except BaseException:
+                writer.discard()
+                raise
+            lap("write")
+        slide_manifest = {
+            "slide": slide_id,
+            "bundle": str(bundle),
+            "config_hash": slide_config_hash(cfg, slide, vocab.sha256()),
+            "vocabulary_sha256": vocab.sha256(),
+            "n_samples": sum(s["n_samples"] for s in shards),
+            "shards": shards,
+            "meta": meta,
+            "qc": qc.summary(),
+            "crops": reader.stats.as_dict(),
+            "tokenize": {k: v for k, v in token_report.to_dict().items() if k not in ("unmatched_genes", "merged_genes")}
+            | {"unmatched_genes_head": token_report.unmatched_genes[:20]},
+            "registration": {k: registration_report.get(k) for k in ("overall", "regions") if k in registration_report},
+            "he_um_per_px": image.um_per_px,
+            "timings_s": timings,
+        }
+        write_json(stage / SLIDE_MANIFEST_NAME, slide_manifest)
+    n = slide_manifest["n_samples"]
+    total = sum(timings.values())
+    log.info("slide %s: %d samples in %d shards, %.1f s (%.0f cells/s)", slide_id, n, len(shards), total, n / max(total, 1e-9))
+    return slide_manifest
+
+
+def _slide_done(shard_dir: Path, slide: DictConfig, cfg: DictConfig, vocab_sha: str) -> bool:
+    path = shard_dir / str(slide.id) / SLIDE_MANIFEST_NAME
+    if not path.is_file():
+        return False
+    return json.loads(path.read_text()).get("config_hash") == slide_config_hash(cfg, slide, vocab_sha)
+
+
+def _panel_vocabulary(cfg: DictConfig) -> Vocabulary:
+    """Union of the bundles' gene panels, in order of first appearance (Ensembl id where known)."""
+    ids: list[str] = []
+    symbols: list[str] = []
+    seen: set[str] = set()
+    for slide in cfg.slides:
+        adata = read_xenium(slide.bundle, matrix=cfg.matrix, min_qv=cfg.min_qv)
+        gene_ids = adata.var["gene_ids"].astype(str).tolist() if "gene_ids" in adata.var else [""] * adata.n_vars
+        for gene_id, symbol in zip(gene_ids, adata.var_names):
+            key = gene_id or symbol
+            if key not in seen:
+                seen.add(key)
+                ids.append(key)
+                symbols.append(symbol)
+    return Vocabulary.from_genes(ids, symbols, source="panel")
+
+
+def prepare_vocabulary(cfg: DictConfig, shard_dir: Path) -> tuple[Vocabulary, np.ndarray | None, dict, dict | None]:
+    """The vocabulary and technology mean every slide is tokenized with, saved beside the shards."""
+    vocab = _panel_vocabulary(cfg) if cfg.vocab == "panel" else Vocabulary.from_file(cfg.vocab)
+    vocab_path = vocab.save(shard_dir / "vocab.tsv")
+    vocab_info = {"path": vocab_path.name, "sha256": vocab.sha256(), "size": len(vocab), "source": str(cfg.vocab)}
+    tech_mean = None
+    mean_info = None
+    if cfg.tech_mean == "compute":
+        # Cell-weighted mean over all slides of the per-cell 10,000-normalised expression.
+        sums = np.zeros(len(vocab))
+        counts = np.zeros(len(vocab))
+        for slide in cfg.slides:
+            adata = read_xenium(slide.bundle, matrix=cfg.matrix, min_qv=cfg.min_qv)
+            mean = compute_tech_mean(adata, vocab)
+            measured = np.isfinite(mean)
+            sums[measured] += mean[measured] * adata.n_obs
+            counts[measured] += adata.n_obs
+        tech_mean = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+        save_tech_mean(shard_dir / "tech_mean.npy", tech_mean)
+        mean_info = {"path": "tech_mean.npy", "source": "computed from the training cells"}
+    elif cfg.tech_mean:
+        tech_mean = load_tech_mean(cfg.tech_mean, vocab)
+        save_tech_mean(shard_dir / "tech_mean.npy", tech_mean)
+        mean_info = {"path": "tech_mean.npy", "source": str(cfg.tech_mean)}
+    return vocab, tech_mean, vocab_info, mean_info
+
+
+def load_prepared(shard_dir: Path) -> tuple[Vocabulary, np.ndarray | None, dict, dict | None]:
+    """The vocabulary and technology mean that ``prepare`` saved (for array tasks and merging)."""
+    vocab_path = shard_dir / "vocab.tsv"
+    if not vocab_path.is_file():
+        raise InputError(vocab_path, None, "the vocabulary written by `make_shards.py prepare`", "no such file")
+    vocab = Vocabulary.from_file(vocab_path)
+    vocab_info = {"path": vocab_path.name, "sha256": vocab.sha256(), "size": len(vocab)}
+    mean_path = shard_dir / "tech_mean.npy"
+    if mean_path.is_file():
+        return vocab, load_tech_mean(mean_path, vocab), vocab_info, {"path": mean_path.name}
+    return vocab, None, vocab_info, None
+
+
+def merge(cfg: DictConfig) -> dict:
+    """Build manifest.json from the completed slides (the last step of a SLURM array job)."""
+    cfg = OmegaConf.merge(OmegaConf.create(DEFAULTS), cfg)
+    shard_dir = Path(cfg.out_dir)
+    _, _, vocab_info, mean_info = load_prepared(shard_dir)
+    return merge_manifests(shard_dir, vocab_info, OmegaConf.to_container(cfg, resolve=True), mean_info)
+
+
+def prepare(cfg: DictConfig) -> dict:
+    """Write the shared vocabulary and technology mean (before a SLURM array job)."""
+    cfg = OmegaConf.merge(OmegaConf.create(DEFAULTS), cfg)
+    shard_dir = Path(cfg.out_dir)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    _, _, vocab_info, mean_info = prepare_vocabulary(cfg, shard_dir)
+    return {"vocabulary": vocab_info, "tech_mean": mean_info}
+
+
+def _shard_slide_job(args: tuple) -> dict:
+    slide, cfg, vocab_path, tech_mean, shard_dir = args
+    from .logs import setup_logging
+
+    setup_logging()
+    slide, cfg = OmegaConf.create(slide), OmegaConf.create(cfg)
+    return shard_slide(slide, cfg, Vocabulary.from_file(vocab_path), tech_mean, Path(shard_dir))
+
+
+def build_shards(cfg: DictConfig) -> dict | None:
+    """Shard every configured slide (skipping completed ones) and merge the manifest."""
+    cfg = OmegaConf.merge(OmegaConf.create(DEFAULTS), cfg)
+    if not cfg.slides:
+        raise InputError(None, "slides", "at least one slide entry {id, bundle, ...}", "none")
+    for i, slide in enumerate(cfg.slides):
+        _check_slide_entry(slide, i)
+    shard_dir = Path(cfg.out_dir)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, shard_dir / "make_shards_config.yaml")
+    if cfg.only_slides is not None:
+        # An array task: every task must tokenize with the same prepared vocabulary and mean.
+        vocab, tech_mean, vocab_info, mean_info = load_prepared(shard_dir)
+    else:
+        vocab, tech_mean, vocab_info, mean_info = prepare_vocabulary(cfg, shard_dir)
+
+    wanted = [s for s in cfg.slides if cfg.only_slides is None or str(s.id) in {str(x) for x in cfg.only_slides}]
+    todo = [s for s in wanted if not _slide_done(shard_dir, s, cfg, vocab.sha256())]
+    for s in wanted:
+        if s not in todo:
+            log.info("slide %s already sharded with this config: skipped", s.id)
+    for stale in shard_dir.glob(".*.partial"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a crashed run; never read
+
+    jobs = [(OmegaConf.to_container(s, resolve=True), OmegaConf.to_container(cfg, resolve=True),
+             str(shard_dir / vocab_info["path"]), tech_mean, str(shard_dir)) for s in todo]
+    if int(cfg.workers) > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=int(cfg.workers)) as pool:
+            list(pool.map(_shard_slide_job, jobs))
+    else:
+        for slide in todo:
+            shard_slide(slide, cfg, vocab, tech_mean, shard_dir)
+    if not cfg.merge:
+        return None
+    return merge_manifests(shard_dir, vocab_info, OmegaConf.to_container(cfg, resolve=True), mean_info)

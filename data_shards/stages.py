@@ -1,0 +1,70 @@
+"""The data stages as called by the entry scripts in ``launch/`` (which only parse the config)."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from . import pipeline
+from .config import save_config
+from .register import register_bundle
+
+log = logging.getLogger(__name__)
+
+
+def run_make_bundle(cfg: DictConfig) -> dict:
+    """``bundle`` section -> ``synthetic.make_bundle(out_dir, mode, **rest)``; prints what it planted."""
+    from .synthetic import make_bundle
+
+    section = OmegaConf.to_container(cfg.bundle, resolve=True)
+    out_dir = section.pop("out_dir")
+    mode = section.pop("mode", "real")
+    truth = make_bundle(out_dir, mode, **section)
+    print(f"[bundle] {mode} bundle with {truth['n_cells']:,} cells written to {out_dir}")
+    print(f"[bundle] planted Xenium µm -> H&E px map: rotation {truth.get('rotation_deg', float('nan')):.2f}°, "
+          f"H&E {truth.get('he_um_per_px', float('nan')):.4f} µm/px, {len(truth.get('deformation', {}).get('centers_px', []))} local deformation bumps")
+    return truth
+
+
+def run_register(cfg: DictConfig) -> dict:
+    """Fit, check and save every slide's registration under ``registration_dir/<slide id>/``."""
+    cfg = OmegaConf.merge(OmegaConf.create(pipeline.DEFAULTS), cfg)
+    reports = {}
+    for slide in cfg.slides:
+        out = Path(slide.registration).parent if slide.get("registration") else Path(cfg.out_dir) / "registration" / str(slide.id)
+        register_cfg = OmegaConf.merge(OmegaConf.create({"he_slide": slide.get("he_slide", "he/post_xenium_he.ome.tif")}), cfg.register)
+        reports[str(slide.id)] = register_bundle(slide.bundle, out, register_cfg)
+        print(f"[register] {slide.id}: registration, report and overlay in {out}")
+    return reports
+
+
+def run_make_shards(command: str, cfg: DictConfig) -> dict | None:
+    if command == "register":
+        return run_register(cfg)
+    if command == "prepare":
+        return pipeline.prepare(cfg)
+    if command == "merge":
+        manifest = pipeline.merge(cfg)
+        print(f"[shards] manifest: {manifest['n_samples']:,} samples in {manifest['n_shards']} shards")
+        return manifest
+    manifest = pipeline.build_shards(cfg)
+    if manifest is not None:
+        print_shard_summary(manifest, Path(cfg.out_dir))
+    return manifest
+
+
+def print_shard_summary(manifest: dict, shard_dir: Path) -> None:
+    print(f"[shards] {manifest['n_samples']:,} samples in {manifest['n_shards']} shards -> {shard_dir}/manifest.json")
+    for slide_id, info in manifest["slides"].items():
+        qc = info["qc"]
+        crops = info["crops"]
+        timings = info.get("timings_s", {})
+        total = sum(v for k, v in timings.items() if k != "encode_jpeg")
+        print(f"[shards]   {slide_id}: QC kept {qc['n_kept']:,}/{qc['n_input']:,} cells "
+              f"(removed {json.dumps(qc['removed'])}); crops padded {crops['n_padded']}, "
+              f"skipped {crops['n_skipped']}; {info['n_samples'] / max(total, 1e-9):,.0f} cells/s")
+        tok = info["tokenize"]
+        print(f"[shards]   {slide_id}: {tok['n_genes_matched']}/{tok['n_genes']} genes in the vocabulary, "
+              f"{tok['n_cells_without_counts']} cells without in-vocabulary counts")
