@@ -6,6 +6,7 @@ level 0 is full resolution at ``um_per_px`` µm/pixel.
 """
 from __future__ import annotations
 
+import logging
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -15,6 +16,8 @@ import tifffile
 import zarr
 
 from .errors import InputError
+
+log = logging.getLogger(__name__)
 
 _UNIT_TO_UM = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
 
@@ -116,11 +119,29 @@ class Slide:
         wanted = max(h0, w0) / max_side
         level = self.best_level(max(wanted, 1.0))
         h, w = self.levels[level]
-        image = self.read_region(0, 0, w, h, level=level)
+        try:
+            image = self.read_region(0, 0, w, h, level=level)
+        except InputError:
+            image = self._read_skipping_bad_tiles(level)
         factor = max(1, int(np.ceil(max(h, w) / max_side)))
         if factor > 1:
             image = image[::factor, ::factor]
         return image, self.downsample(level) * factor
+
+    def _read_skipping_bad_tiles(self, level: int, block: int = 512, fill: int = 128) -> np.ndarray:
+        """A whole level read block by block; undecodable blocks become grey and are logged."""
+        h, w = self.levels[level]
+        image = np.full((h, w, 3), fill, dtype=np.uint8)
+        bad = 0
+        for y0 in range(0, h, block):
+            for x0 in range(0, w, block):
+                bh, bw = min(block, h - y0), min(block, w - x0)
+                try:
+                    image[y0 : y0 + bh, x0 : x0 + bw] = self.read_region(x0, y0, bw, bh, level=level)
+                except InputError:
+                    bad += 1
+        log.warning("%s: %d unreadable %d px blocks at level %d shown grey in the thumbnail", self.path, bad, block, level)
+        return image
 
     def close(self) -> None:
         self._arrays.clear()
