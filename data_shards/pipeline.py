@@ -176,27 +176,36 @@ def shard_slide(slide: DictConfig, cfg: DictConfig, vocab: Vocabulary, tech_mean
             obs_values = {c: cells.obs[c].to_numpy() for c in obs_columns}
             n_genes = np.diff(cells.X.indptr)
             cell_ids = cells.obs_names.to_numpy()
-            meta = OmegaConf.to_container(slide.get("meta", {}) or {}, resolve=True)
+            meta = slide.get("meta") or {}
+            meta = OmegaConf.to_container(meta, resolve=True) if isinstance(meta, DictConfig) else dict(meta)
             writer = ShuffledShardWriter(stage, slide_id, plan, seed=int(cfg.shards.seed))
-            encode_time = 0.0
+            # Split of the crop loop's time: JPEG encoding, sample assembly, spilling to the writer;
+            # what remains of the loop is reading and cropping the slide.
+            spent = {"encode_jpeg": 0.0, "assemble_sample": 0.0, "spill": 0.0}
             try:
                 for j, crop in reader.iter_crops(kept_px):
                     t0 = time.perf_counter()
                     jpg = encode_jpeg(crop, int(cfg.shards.jpeg_quality))
-                    encode_time += time.perf_counter() - t0
+                    t1 = time.perf_counter()
                     nbr_tokens, nbr_offsets = neighbour_sample(j, tokens, neighbours)
                     sample_meta = _sample_meta(
                         slide_id, str(cell_ids[j]), kept_xy[j], kept_px[j], {c: v[j] for c, v in obs_values.items()},
                         n_genes[j], len(nbr_tokens), regions[keep[j]], crop_um_per_px, meta,
                     )
-                    writer.add(j, encode_sample(f"{slide_id}_{j:08d}", jpg, tokens[j], nbr_tokens, nbr_offsets, sample_meta))
-                lap("crop_encode")
-                timings["encode_jpeg"] = round(encode_time, 3)
+                    sample = encode_sample(f"{slide_id}_{j:08d}", jpg, tokens[j], nbr_tokens, nbr_offsets, sample_meta)
+                    t2 = time.perf_counter()
+                    writer.add(j, sample)
+                    spent["encode_jpeg"] += t1 - t0
+                    spent["assemble_sample"] += t2 - t1
+                    spent["spill"] += time.perf_counter() - t2
+                lap("crop_loop")
+                timings["read_and_crop"] = round(timings.pop("crop_loop") - sum(spent.values()), 3)
+                timings.update({k: round(v, 3) for k, v in spent.items()})
                 shards = writer.finish()
             except BaseException:
                 writer.discard()
                 raise
-            lap("write")
+            lap("write_shards")
         slide_manifest = {
             "slide": slide_id,
             "bundle": str(bundle),
@@ -252,16 +261,9 @@ def prepare_vocabulary(cfg: DictConfig, shard_dir: Path) -> tuple[Vocabulary, np
     tech_mean = None
     mean_info = None
     if cfg.tech_mean == "compute":
-        # Cell-weighted mean over all slides of the per-cell 10,000-normalised expression.
-        sums = np.zeros(len(vocab))
-        counts = np.zeros(len(vocab))
-        for slide in cfg.slides:
-            adata = read_xenium(slide.bundle, matrix=cfg.matrix, min_qv=cfg.min_qv)
-            mean = compute_tech_mean(adata, vocab)
-            measured = np.isfinite(mean)
-            sums[measured] += mean[measured] * adata.n_obs
-            counts[measured] += adata.n_obs
-        tech_mean = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+        # The non-zero mean pools the cells of all slides; slides are read one at a time.
+        slides = (read_xenium(slide.bundle, matrix=cfg.matrix, min_qv=cfg.min_qv) for slide in cfg.slides)
+        tech_mean = compute_tech_mean(slides, vocab)
         save_tech_mean(shard_dir / "tech_mean.npy", tech_mean)
         mean_info = {"path": "tech_mean.npy", "source": "computed from the training cells"}
     elif cfg.tech_mean:

@@ -61,7 +61,7 @@ def print_shard_summary(manifest: dict, shard_dir: Path) -> None:
         qc = info["qc"]
         crops = info["crops"]
         timings = info.get("timings_s", {})
-        total = sum(v for k, v in timings.items() if k != "encode_jpeg")
+        total = sum(timings.values())
         print(f"[shards]   {slide_id}: QC kept {qc['n_kept']:,}/{qc['n_input']:,} cells "
               f"(removed {json.dumps(qc['removed'])}); crops padded {crops['n_padded']}, "
               f"skipped {crops['n_skipped']}; {info['n_samples'] / max(total, 1e-9):,.0f} cells/s")
