@@ -203,3 +203,24 @@ def test_missing_bundle_and_bad_slide_ids(tmp_path):
         pipeline.build_shards(_config(tmp_path / "nowhere", tmp_path / "out"))
     with pytest.raises(InputError, match="slides\\[0\\].id"):
         pipeline.build_shards(OmegaConf.create({"out_dir": str(tmp_path), "slides": [{"id": "a.b", "bundle": "x"}]}))
+
+
+def test_parallel_slides_and_array_job_flow_give_the_same_manifest(bundle, tmp_path):
+    slides = [{"id": "a", "bundle": str(bundle)}, {"id": "b", "bundle": str(bundle)}]
+    parallel = pipeline.build_shards(_config(bundle, tmp_path / "parallel", slides=slides, workers=2))
+    assert set(parallel["slides"]) == {"a", "b"}
+
+    array_cfg = _config(bundle, tmp_path / "array", slides=slides)
+    pipeline.prepare(array_cfg)  # the SLURM template's first step
+    for slide_id in ("b", "a"):  # array tasks, in any order
+        assert pipeline.build_shards(OmegaConf.merge(array_cfg, {"only_slides": [slide_id], "merge": False})) is None
+    merged = pipeline.merge(array_cfg)
+    assert merged["n_samples"] == parallel["n_samples"]
+    assert [s["path"] for s in merged["shards"]] == [s["path"] for s in parallel["shards"]]
+    for a, b in zip(merged["shards"], parallel["shards"]):
+        assert (tmp_path / "array" / a["path"]).read_bytes() == (tmp_path / "parallel" / b["path"]).read_bytes()
+
+
+def test_array_task_without_prepare_is_an_error(bundle, tmp_path):
+    with pytest.raises(InputError, match="prepare"):
+        pipeline.build_shards(_config(bundle, tmp_path, only_slides=["s1"], merge=False))
