@@ -20,8 +20,12 @@ $(DEMO_SLIDE): | $(STAMP)
 	$(PY) -m data_shards.demo_slide $(dir $(DEMO_SLIDE))
 
 demo: setup
+	@echo "== 1/3 simulated Xenium bundle on the real H&E slide"
 	$(PY) launch/make_bundle.py --config $(DEMO_CONFIG)
+	@echo "== 2/3 registration Xenium -> H&E (keypoints, per-region Umeyama)"
 	$(PY) launch/make_shards.py register --config $(DEMO_CONFIG)
+	@echo "== 3/3 webdataset shards (tokens, neighbours, 224 px crops)"
+	$(PY) launch/make_shards.py --config $(DEMO_CONFIG) progress=false
 
 test: setup
 	$(PY) -m pytest -q tests
