@@ -26,6 +26,7 @@ demo: setup
 	$(PY) launch/make_shards.py register --config $(DEMO_CONFIG)
 	@echo "== 3/3 webdataset shards (tokens, neighbours, 224 px crops)"
 	$(PY) launch/make_shards.py --config $(DEMO_CONFIG) progress=false
+	$(PY) launch/make_shards.py verify --config $(DEMO_CONFIG)
 
 test: setup
 	$(PY) -m pytest -q tests

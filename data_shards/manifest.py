@@ -81,3 +81,48 @@ def load_manifest(path: str | Path) -> dict:
         raise InputError(path, "shards", "every listed shard on disk", f"{len(missing)} missing, e.g. {missing[0]}")
     manifest["root"] = str(path.parent)
     return manifest
+
+
+def verify_shards(path: str | Path) -> dict:
+    """Read every listed shard back with ``tarfile`` and with ``webdataset``; check the counts.
+
+    Each sample must have exactly the manifest's keys, decodable JPEG and arrays of the documented
+    shapes. Returns {"n_shards", "n_samples"}; raises InputError naming the first bad shard.
+    """
+    import io
+    import tarfile
+
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+
+    manifest = load_manifest(path)
+    root = Path(manifest["root"])
+    keys = set(manifest["sample_keys"])
+    total = 0
+    for shard in manifest["shards"]:
+        shard_path = root / shard["path"]
+        try:
+            with tarfile.open(shard_path) as tar:
+                names = tar.getnames()
+        except (tarfile.TarError, OSError) as exc:
+            raise InputError(shard_path, None, "a complete tar archive", f"{type(exc).__name__}: {exc}") from exc
+        if len(names) != len(keys) * shard["n_samples"]:
+            raise InputError(shard_path, "members", f"{len(keys)} per sample × {shard['n_samples']}", len(names))
+        seen = 0
+        for sample in wds.WebDataset(str(shard_path), shardshuffle=False, empty_check=False):
+            present = {k for k in sample if not k.startswith("__")}
+            if present != keys:
+                raise InputError(shard_path, f"sample {sample['__key__']}", f"keys {sorted(keys)}", sorted(present))
+            tokens = np.load(io.BytesIO(sample["tokens.npy"]))
+            nbr_tokens = np.load(io.BytesIO(sample["nbr_tokens.npy"]))
+            offsets = np.load(io.BytesIO(sample["nbr_offsets.npy"]))
+            if tokens.ndim != 1 or nbr_tokens.shape[1:] != tokens.shape or offsets.shape != (len(nbr_tokens), 2):
+                raise InputError(shard_path, f"sample {sample['__key__']}", "tokens (L,), nbr_tokens (m, L), offsets (m, 2)",
+                                 (tokens.shape, nbr_tokens.shape, offsets.shape))
+            Image.open(io.BytesIO(sample["jpg"])).verify()
+            seen += 1
+        if seen != shard["n_samples"]:
+            raise InputError(shard_path, "samples", str(shard["n_samples"]), seen)
+        total += seen
+    return {"n_shards": len(manifest["shards"]), "n_samples": total}

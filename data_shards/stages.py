@@ -71,6 +71,12 @@ def run_make_shards(command: str, cfg: DictConfig) -> dict | None:
         return run_register(cfg)
     if command == "prepare":
         return pipeline.prepare(cfg)
+    if command == "verify":
+        from .manifest import verify_shards
+
+        result = verify_shards(cfg.out_dir)
+        print(f"[verify] all {result['n_shards']} shards read back with tar and webdataset: {result['n_samples']:,} samples, keys and shapes as documented")
+        return result
     if command == "merge":
         manifest = pipeline.merge(cfg)
         print(f"[shards] manifest: {manifest['n_samples']:,} samples in {manifest['n_shards']} shards")

@@ -5,6 +5,7 @@
     python launch/make_shards.py prepare --config ...   # vocabulary + tech mean (before a SLURM array)
     python launch/make_shards.py --config ... only_slides=[S1] merge=false                  # one array task
     python launch/make_shards.py merge --config ...     # manifest.json from completed slides
+    python launch/make_shards.py verify --config ...    # read every shard back with tar and webdataset
 """
 import argparse
 import sys
@@ -17,7 +18,7 @@ from data_shards.logs import setup_logging  # noqa: E402
 from data_shards.stages import run_make_shards  # noqa: E402
 
 
-COMMANDS = ("build", "register", "prepare", "merge")
+COMMANDS = ("build", "register", "prepare", "merge", "verify")
 
 
 def main() -> None:

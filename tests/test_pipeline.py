@@ -224,3 +224,18 @@ def test_parallel_slides_and_array_job_flow_give_the_same_manifest(bundle, tmp_p
 def test_array_task_without_prepare_is_an_error(bundle, tmp_path):
     with pytest.raises(InputError, match="prepare"):
         pipeline.build_shards(_config(bundle, tmp_path, only_slides=["s1"], merge=False))
+
+
+def test_verify_reads_every_shard_and_catches_a_truncated_one(built, tmp_path):
+    import shutil
+
+    from data_shards.manifest import verify_shards
+
+    shard_dir, manifest = built
+    assert verify_shards(shard_dir) == {"n_shards": manifest["n_shards"], "n_samples": manifest["n_samples"]}
+    copy = tmp_path / "copy"
+    shutil.copytree(shard_dir, copy)
+    victim = copy / manifest["shards"][0]["path"]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    with pytest.raises(InputError, match=victim.name):
+        verify_shards(copy)
