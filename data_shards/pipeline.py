@@ -75,6 +75,21 @@ def slide_config_hash(cfg: DictConfig, slide: DictConfig, vocab_sha: str) -> str
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def offsets_in_crop_frame(neighbours, he_px: np.ndarray, he_um_per_px: float) -> np.ndarray:
+    """Neighbour offsets in µm along the H&E image axes (x right, y down), neighbour minus centre.
+
+    Neighbours are found in Xenium µm, but the crop is cut from the H&E, which the registration
+    rotates (and locally deforms) relative to Xenium. Expressing offsets in the crop's frame keeps
+    the neighbourhood aligned with the image, so a flip or 90° rotation of the crop applies to both.
+    he_px: (n, 2) registered centres in H&E level-0 px. Returns (n, k, 2) float32, NaN where missing.
+    """
+    indices = neighbours.indices  # (n, k), -1 where missing
+    missing = indices < 0
+    offsets = (he_px[np.where(missing, 0, indices)] - he_px[:, None, :]) * he_um_per_px  # (n, k, 2) µm
+    offsets[missing] = np.nan
+    return offsets.astype(np.float32)
+
+
 def _check_slide_entry(slide: DictConfig, index: int) -> None:
     for key in ("id", "bundle"):
         if not slide.get(key):
@@ -168,6 +183,7 @@ def shard_slide(slide: DictConfig, cfg: DictConfig, vocab: Vocabulary, tech_mean
             lap("tokenize")
             kept_xy, kept_px = xy_um[keep], he_px[keep]
             neighbours = find_neighbours(kept_xy, k=cfg.neighbours.k, radius_um=cfg.neighbours.radius_um, path=bundle)
+            neighbours = neighbours._replace(offsets_um=offsets_in_crop_frame(neighbours, kept_px, image.um_per_px))
             plan = plan_shards(kept_xy, cfg.shards.samples_per_shard, seed=int(cfg.shards.seed), group_um=cfg.shards.group_um)
             lap("neighbours")
             reader = CropReader.from_config(image, cfg.crop, progress=bool(cfg.progress))

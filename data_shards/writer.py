@@ -108,7 +108,7 @@ def encode_sample(
     """One shard sample as bytes per extension (the layout in DESIGN.md).
 
     tokens (L,) int32; nbr_tokens (m, L) int32 and nbr_offsets_um (m, 2) float32 with m ≤ k real
-    neighbours, offsets = neighbour minus centre in µm.
+    neighbours, offsets = neighbour minus centre in µm along the H&E crop axes (x right, y down).
     """
     if "." in key:
         raise ValueError(f"sample key {key!r} must not contain '.' (webdataset splits keys at dots)")

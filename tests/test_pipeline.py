@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from data_shards import pipeline
 from data_shards.errors import InputError
 from data_shards.manifest import load_manifest
+from data_shards.register import Registration
 from data_shards.slide import Slide
 from data_shards.synthetic import make_bundle
 from data_shards.tokenize import rank_tokens
@@ -80,7 +81,8 @@ def test_tokens_and_neighbours_match_the_reference(built, bundle):
     vocab = Vocabulary.from_file(shard_dir / "vocab.tsv")
     reference = rank_tokens(adata, vocab, tech_mean=shard_dir / "tech_mean.npy")
     row_of = {cell: i for i, cell in enumerate(adata.obs_names)}
-    xy = adata.obsm["spatial"]
+    registration = Registration.from_json(shard_dir / "s1" / "registration" / "registration.json")
+    he_um = registration.map(adata.obsm["spatial"]) * registration.he_um_per_px  # (n, 2) µm along H&E axes
     samples = _samples(shard_dir, manifest)
     token_of = {s["json"]["cell_id"]: s["tokens.npy"] for s in samples}
     for sample in samples[:200]:
@@ -89,9 +91,10 @@ def test_tokens_and_neighbours_match_the_reference(built, bundle):
         offsets = sample["nbr_offsets.npy"]
         assert len(offsets) <= 8
         assert np.all(np.hypot(offsets[:, 0], offsets[:, 1]) <= 50.0 + 1e-3)
-        # each neighbour row is the token row of a real cell at that offset
+        # each neighbour row is the token row of a real cell at that offset; offsets are in µm
+        # along the H&E axes, so map the cells to the H&E first (registered positions)
         for row, offset in zip(sample["nbr_tokens.npy"], offsets):
-            j = int(np.argmin(np.hypot(*(xy - (xy[i] + offset)).T)))
+            j = int(np.argmin(np.hypot(*(he_um - (he_um[i] + offset)).T)))
             np.testing.assert_array_equal(row, reference[j])
     assert len(token_of) == len(samples)
 
