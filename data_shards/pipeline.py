@@ -66,11 +66,22 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+def _input_fingerprint(slide: dict) -> list:
+    """Size and modification time of the slide's input files: a rewritten bundle is sharded again."""
+    bundle = Path(slide["bundle"])
+    paths = [bundle / name for name in ("cells.parquet", "cells.csv.gz", "cell_feature_matrix.h5", "transcripts.parquet")]
+    paths.append(bundle / slide.get("he_slide", "he/post_xenium_he.ome.tif"))
+    if slide.get("registration"):
+        paths.append(Path(slide["registration"]))
+    return [(path.name, path.stat().st_size, path.stat().st_mtime_ns) for path in paths if path.is_file()]
+
+
 def slide_config_hash(cfg: DictConfig, slide: DictConfig, vocab_sha: str) -> str:
     """What decides a slide's samples: re-running with the same hash may skip the slide."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     relevant = {k: resolved.get(k) for k in ("matrix", "min_qv", "tokens", "neighbours", "crop", "qc", "shards", "register")}
     relevant["slide"] = OmegaConf.to_container(slide, resolve=True) if isinstance(slide, DictConfig) else slide
+    relevant["inputs"] = _input_fingerprint(relevant["slide"])
     relevant["vocab_sha256"] = vocab_sha
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -242,3 +242,19 @@ def test_verify_reads_every_shard_and_catches_a_truncated_one(built, tmp_path):
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     with pytest.raises(InputError, match=victim.name):
         verify_shards(copy)
+
+
+def test_rewritten_inputs_are_sharded_again(bundle, tmp_path):
+    import os
+    import shutil
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    cfg = _config(copy, tmp_path / "out")
+    pipeline.build_shards(cfg)
+    tar = next((tmp_path / "out" / "s1").glob("*.tar"))
+    before = tar.stat().st_mtime_ns
+    cells = copy / "cells.parquet"
+    os.utime(cells, ns=(cells.stat().st_atime_ns, cells.stat().st_mtime_ns + 10**9))
+    pipeline.build_shards(cfg)
+    assert next((tmp_path / "out" / "s1").glob("*.tar")).stat().st_mtime_ns != before
