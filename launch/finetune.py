@@ -23,7 +23,7 @@ def main() -> None:
     parser.add_argument("task", choices=sorted(TASKS))
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     setup_logging()
     module, function = TASKS[args.task]
     getattr(importlib.import_module(module), function)(load_config(args.config, args.overrides))
