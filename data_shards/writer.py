@@ -54,23 +54,25 @@ class TarSampleWriter:
     def __init__(self, stream: BinaryIO):
         self.stream = stream
 
-    @staticmethod
-    def header(name: str, size: int) -> bytes:
+    # The fixed fields of every member header: mode 0444, uid/gid 0, mtime 0, regular file, ustar.
+    _MODE_UID_GID = b"0000444\0" + b"0000000\0" + b"0000000\0"  # bytes 100..124
+    _MTIME = b"00000000000\0"  # bytes 136..148
+    _AFTER_CHECKSUM = (b"0" + b"\0" * 100 + b"ustar\x0000").ljust(_TAR_BLOCK - 156, b"\0")  # bytes 156..512
+    _FIXED_SUM = sum(_MODE_UID_GID) + sum(_MTIME) + sum(_AFTER_CHECKSUM) + 8 * ord(" ")
+
+    @classmethod
+    def header(cls, name: str, size: int) -> bytes:
+        """The 512-byte ustar header of a regular file ``name`` of ``size`` bytes."""
         encoded = name.encode("utf-8")
         if len(encoded) > 100:
             raise ValueError(f"tar member name longer than 100 bytes: {name!r}")
-        block = bytearray(_TAR_BLOCK)
-        block[0 : len(encoded)] = encoded
-        block[100:108] = b"0000444\0"  # mode
-        block[108:116] = b"0000000\0"  # uid
-        block[116:124] = b"0000000\0"  # gid
-        block[124:136] = f"{size:011o}\0".encode()
-        block[136:148] = b"00000000000\0"  # mtime
-        block[148:156] = b" " * 8  # checksum field counts as spaces while summing
-        block[156:157] = b"0"  # regular file
-        block[257:265] = b"ustar\x0000"
-        block[148:156] = f"{sum(block):06o}\0 ".encode()
-        return bytes(block)
+        size_field = b"%011o\0" % size
+        # The checksum is the byte sum of the header with its own field read as spaces.
+        checksum = cls._FIXED_SUM + sum(encoded) + sum(size_field)
+        return b"".join((
+            encoded.ljust(100, b"\0"), cls._MODE_UID_GID, size_field, cls._MTIME,
+            b"%06o\0 " % checksum, cls._AFTER_CHECKSUM,
+        ))
 
     @classmethod
     def render(cls, sample: dict) -> bytes:

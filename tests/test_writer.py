@@ -72,3 +72,12 @@ def test_shards_hold_exact_bytes_and_shuffle_across_the_slide(tmp_path):
 def test_keys_with_dots_are_refused():
     with pytest.raises(ValueError, match="must not contain"):
         encode_sample("a.b", b"", np.zeros(1), np.zeros((0, 1)), np.zeros((0, 2)), {})
+
+
+@pytest.mark.parametrize("name,size", [("s_00000001.jpg", 0), ("slide-A_00123456.nbr_offsets.npy", 12345), ("x.json", 8**11 - 1)])
+def test_member_header_is_byte_identical_to_tarfile_ustar(name, size):
+    from data_shards.writer import TarSampleWriter
+
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime, info.uname, info.gname = size, 0o444, 0, "", ""
+    assert TarSampleWriter.header(name, size) == info.tobuf(format=tarfile.USTAR_FORMAT)
