@@ -53,7 +53,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .errors import InputError
+from .errors import InputError, finite_points
 from .slide import Slide
 
 log = logging.getLogger(__name__)
@@ -106,17 +106,7 @@ class CropPlan:
 
 
 def _check_centres(centres_px: np.ndarray, path) -> np.ndarray:
-    centres = np.asarray(centres_px, dtype=np.float64)
-    if centres.ndim != 2 or centres.shape[1] != 2:
-        raise InputError(path, "cell centres (x, y) [level-0 px]", "an array of shape (n, 2)", centres.shape)
-    bad = ~np.isfinite(centres).all(axis=1)
-    if bad.any():
-        first = int(np.flatnonzero(bad)[0])
-        raise InputError(
-            path, "cell centres (x, y) [level-0 px]", "finite coordinates for every cell",
-            f"{int(bad.sum())} cells with NaN/inf, first at row {first}: {centres[first].tolist()}",
-        )
-    return centres
+    return finite_points(centres_px, path, "cell centres (x, y) [level-0 px]")
 
 
 def _tile_hw(slide: Slide, level: int) -> tuple[int, int]:
@@ -361,7 +351,7 @@ class CropReader:
         cell_col = (wxy[:, 0] + kw - 1) // bw
 
         # blocks any kept window touches: a window spans at most 2 x 2 blocks (blocks >= windows)
-        band_lo, band_hi = int(cell_band.min()) - 1, int(cell_band.max())
+        band_lo = int(cell_band.min()) - 1
         col_lo, col_hi = int(cell_col.min()) - 1, int(cell_col.max())
         n_cols = col_hi - col_lo + 1
         corners = [

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy.spatial import cKDTree
 
-from .errors import InputError
+from .errors import InputError, finite_points
 
 PAD_TOKEN = 1  # Nicheformer's pad id, for the dense (n, k, L) view only
 _QUERY_ROWS = 1 << 20
@@ -50,16 +50,7 @@ def find_neighbours(
 
     xy_um: (n, 2) cell centroids (x, y) in µm. ``path`` only names the source in errors.
     """
-    xy = np.asarray(xy_um, dtype=np.float64)
-    if xy.ndim != 2 or xy.shape[1] != 2:
-        raise InputError(path, "cell positions (x, y) [µm]", "an array of shape (n, 2)", xy.shape)
-    bad = ~np.isfinite(xy).all(axis=1)
-    if bad.any():
-        first = int(np.flatnonzero(bad)[0])
-        raise InputError(
-            path, "cell positions (x, y) [µm]", "finite coordinates for every cell",
-            f"{int(bad.sum())} cells with NaN/inf, first at row {first}",
-        )
+    xy = finite_points(xy_um, path, "cell positions (x, y) [µm]")
     if int(k) < 1:
         raise InputError(None, "neighbours.k", "k >= 1", k)
     if radius_um is not None and not (radius_um >= 0):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .atomic import write_json
-from .errors import InputError
+from .errors import InputError, read_json_file
 
 log = logging.getLogger(__name__)
 
@@ -471,13 +470,7 @@ class Registration:
     @classmethod
     def from_json(cls, path: str | Path) -> "Registration":
         path = Path(path)
-        if not path.is_file():
-            raise InputError(path, None, "an existing registration.json", "no such file")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise InputError(path, None, "valid JSON", str(exc)) from exc
-        return cls.from_dict(data, source=path)
+        return cls.from_dict(read_json_file(path, "an existing registration.json"), source=path)
 
 
 def _initial_labels(fixed: np.ndarray, regions: None | int | Sequence[int], source: str | Path | None,

@@ -8,7 +8,6 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from . import pipeline
-from .config import save_config
 from .register import Registration, register_bundle
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,6 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import scipy.sparse as sp

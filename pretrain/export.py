@@ -55,7 +55,7 @@ from torch import nn
 
 from data_shards.atomic import atomic_dir
 from data_shards.config import load_config, save_config
-from data_shards.errors import InputError
+from data_shards.errors import InputError, read_json_file
 from data_shards.manifest import FORMAT_VERSION as MANIFEST_FORMAT_VERSION
 from data_shards.manifest import MANIFEST_NAME
 from data_shards.vocabulary import GENE_OFFSET, Vocabulary
@@ -205,12 +205,7 @@ def read_manifest(path: str | Path | None) -> tuple[dict, Path]:
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST_NAME
-    if not path.is_file():
-        raise InputError(path, None, "the shard manifest the run trained on (or pass --manifest)", "no such file")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise InputError(path, None, "valid JSON", str(exc)) from exc
+    manifest = read_json_file(path, "the shard manifest the run trained on (or pass --manifest)")
     if manifest.get("format_version") != MANIFEST_FORMAT_VERSION:
         raise InputError(path, "format_version", str(MANIFEST_FORMAT_VERSION), manifest.get("format_version"))
     vocab = manifest.get("vocabulary") or {}
@@ -715,7 +710,7 @@ def render_model_card(summary: Mapping[str, Any], tokenizer: Mapping[str, Any]) 
         f"in {_fmt(data['n_shards'])} shard(s) from {len(data['slides'])} slide(s)",
         f"- vocabulary: {data['vocabulary_size']} genes, sha256 `{data['vocabulary_sha256']}`",
         f"- temperature τ at this checkpoint: {_fmt(summary.get('temperature'))}",
-        f"- full config: `training_config.yaml`",
+        "- full config: `training_config.yaml`",
         "",
         "## Final metrics",
         "",

@@ -1,7 +1,6 @@
 """End-to-end make_shards on a small procedural bundle: shards, manifest, crops, resume, failures."""
 from __future__ import annotations
 
-import json
 import tarfile
 from pathlib import Path
 
