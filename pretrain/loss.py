@@ -16,6 +16,18 @@ of S) differs from it and its rows need not sum to 1 (they do on average), which
 image by how much the other pairs' targets point at it. Using targets itself in both
 directions would be the normalised alternative; we keep the published formula.
 
+Target mixing (`target_mix` = λ ∈ [0, 1], default 1 = the PAST objective above):
+
+    targets_λ = (1 − λ) · I + λ · targets        (and (1 − λ) · I + λ · targetsᵀ the other way)
+
+λ = 0 is CLIP's hard-target loss. Why it exists: the targets come from the model's own
+embeddings, which at random initialisation are nearly identical (all cosines ≈ 1), so the
+targets start almost uniform, and uniform logits are a fixed point of a cross-entropy against
+uniform targets: with a high learning rate the λ = 1 loss can collapse to ln(B) within a few
+steps and never leave. Ramping λ from 0 to 1 over the first epoch (`loss.target_mix` in
+pretrain.train) starts as CLIP, which pushes the pairs apart, and ends with the paper's
+objective once the embeddings are spread out (where the soft targets are informative).
+
 Targets are detached (treated as labels). BLEEP-style code lets gradients flow through them;
 we do not, because the cross-entropy's gradient w.r.t. its target pushes intra-modal
 similarities towards the cross-modal logits and adds an entropy-minimising term on the
@@ -134,6 +146,13 @@ def _as_temperature(temperature: float | torch.Tensor | LearnableTemperature) ->
     return float(temperature)
 
 
+def _as_target_mix(target_mix: float | torch.Tensor) -> float:
+    value = float(target_mix)
+    if not 0.0 <= value <= 1.0:
+        raise InputError(None, "target_mix", "a number in [0, 1] (1: PAST soft targets, 0: CLIP hard targets)", value)
+    return value
+
+
 def _block_loss(
     img_rows: torch.Tensor,
     cell_rows: torch.Tensor,
@@ -142,11 +161,15 @@ def _block_loss(
     temperature: float | torch.Tensor,
     detach_targets: bool,
     group: dist.ProcessGroup | None,
+    target_mix: float = 1.0,
+    row_offset: int = 0,
 ) -> torch.Tensor:
     """Mean over the given rows of the two-direction soft-target loss against all columns.
 
     img_rows, cell_rows: (B_rows, D), the rows this process is responsible for.
     img_all, cell_all: (B, D), the whole (global) batch; columns of every softmax.
+    target_mix: λ, the weight of the soft targets (1 − λ goes to the identity, i.e. CLIP).
+    row_offset: global index of the first row (where each row's own pair sits among the columns).
     """
     logits_cell_to_img = cell_rows @ img_all.T / temperature  # (B_rows, B): rows of logits
     logits_img_to_cell = img_rows @ cell_all.T / temperature  # (B_rows, B): rows of logitsᵀ
@@ -164,9 +187,18 @@ def _block_loss(
         all_row_log_normaliser = row_log_normaliser
     targets_rows = torch.exp(similarity - row_log_normaliser[:, None])  # rows of targets, each sums to 1
     targets_t_rows = torch.exp(similarity - all_row_log_normaliser[None, :])  # rows of targetsᵀ
-    loss_cell_to_img = -(targets_rows * F.log_softmax(logits_cell_to_img, dim=-1)).sum(-1).mean()
-    loss_img_to_cell = -(targets_t_rows * F.log_softmax(logits_img_to_cell, dim=-1)).sum(-1).mean()
-    return 0.5 * (loss_cell_to_img + loss_img_to_cell)
+    log_p_cell_to_img = F.log_softmax(logits_cell_to_img, dim=-1)  # (B_rows, B)
+    log_p_img_to_cell = F.log_softmax(logits_img_to_cell, dim=-1)
+    loss_cell_to_img = -(targets_rows * log_p_cell_to_img).sum(-1)  # (B_rows,)
+    loss_img_to_cell = -(targets_t_rows * log_p_img_to_cell).sum(-1)
+    if target_mix != 1.0:
+        # CE against (1 − λ)·I + λ·targets = (1 − λ)·CE(identity) + λ·CE(targets): own pair = column row_offset + i.
+        own = torch.arange(log_p_cell_to_img.shape[0], device=log_p_cell_to_img.device) + row_offset
+        hard_cell_to_img = -log_p_cell_to_img.gather(1, own[:, None]).squeeze(1)
+        hard_img_to_cell = -log_p_img_to_cell.gather(1, own[:, None]).squeeze(1)
+        loss_cell_to_img = (1.0 - target_mix) * hard_cell_to_img + target_mix * loss_cell_to_img
+        loss_img_to_cell = (1.0 - target_mix) * hard_img_to_cell + target_mix * loss_img_to_cell
+    return 0.5 * (loss_cell_to_img.mean() + loss_img_to_cell.mean())
 
 
 def similarity_adjusted_loss(
@@ -177,6 +209,7 @@ def similarity_adjusted_loss(
     group: dist.ProcessGroup | None = None,
     detach_targets: bool = True,
     check_normalized: bool = False,
+    target_mix: float = 1.0,
 ) -> torch.Tensor:
     """The PAST similarity-adjusted contrastive loss over the global batch (module docstring).
 
@@ -185,23 +218,27 @@ def similarity_adjusted_loss(
     re-normalised here (pass `check_normalized=True` to verify, at the cost of a device sync).
     temperature: τ as a float, a 0-dim tensor (learnable) or a LearnableTemperature.
     Computed in at least float32 whatever the input dtype (bf16 logits / B-way softmax lose
-    too much precision). Returns a 0-dim tensor whose value is the full-batch loss on every
+    too much precision). target_mix: λ in [0, 1], the targets are (1 − λ)·I + λ·softmax(S);
+    the default 1 is the PAST objective, 0 is CLIP's hard-target loss. Returns a 0-dim tensor whose value is the full-batch loss on every
     rank and whose gradients, averaged over ranks, are the full-batch gradients.
     """
     _check_embedding_pair(img_emb, cell_emb, check_normalized)
     tau = _as_temperature(temperature)
+    mix = _as_target_mix(target_mix)
     compute_dtype = torch.promote_types(img_emb.dtype, torch.float32)
     img_rows, cell_rows = img_emb.to(compute_dtype), cell_emb.to(compute_dtype)
     if isinstance(tau, torch.Tensor):
         tau = tau.to(compute_dtype)
 
     if not is_distributed(group):
-        return _block_loss(img_rows, cell_rows, img_rows, cell_rows, tau, detach_targets, group)
+        return _block_loss(img_rows, cell_rows, img_rows, cell_rows, tau, detach_targets, group, mix)
 
     check_equal_local_batch(img_rows.shape[0], group, what="img_emb/cell_emb")
     img_all = all_gather_with_grad(img_rows, group)  # (B, D), B = world_size · B_local
     cell_all = all_gather_with_grad(cell_rows, group)
-    local_loss = _block_loss(img_rows, cell_rows, img_all, cell_all, tau, detach_targets, group)
+    local_loss = _block_loss(
+        img_rows, cell_rows, img_all, cell_all, tau, detach_targets, group, mix, rank(group) * img_rows.shape[0]
+    )
     # Report the global value while keeping this rank's gradient (see module docstring).
     return local_loss + (all_reduce_mean(local_loss, group) - local_loss.detach())
 

@@ -81,6 +81,12 @@ DEFAULTS: dict[str, Any] = {
         "precision": "auto",  # auto: bf16 where the accelerator has it (not on CPU), else fp32; or bf16/fp32
         "cpu_threads": "auto",  # torch threads per rank on CPU: cores / local ranks
     },
+    "loss": {
+        # λ of pretrain.loss (targets = (1 − λ)·I + λ·PAST soft targets), linear from start to end over the
+        # first ramp_epochs epochs, then end. 1/1/0 is the paper's objective; start 0 begins as CLIP.
+        "target_mix": {"start": 1.0, "end": 1.0, "ramp_epochs": 0.0},
+        "detach_targets": True,
+    },
     "deepspeed": {
         "config": None,  # configs/deepspeed/*.json; the train.* keys above fill batch, clipping, precision
         "overrides": {},  # merged over the JSON (e.g. zero_optimization.stage=2)
@@ -167,6 +173,16 @@ def resolve_model_section(cfg: DictConfig, manifest: dict) -> dict:
         cell["context_length"] = int(tokens_cfg["context_length"])
     model_cfg["cell"] = cell
     return resolve_model_config(model_cfg)
+
+
+def target_mix_at(step: int, start: float, end: float, ramp_steps: int) -> float:
+    """λ for the loss at optimizer step ``step`` (0-based): linear from start to end over ramp_steps, then end."""
+    for name, value in (("start", start), ("end", end)):
+        if not 0.0 <= float(value) <= 1.0:
+            raise InputError(None, f"loss.target_mix.{name}", "a number in [0, 1]", value)
+    if ramp_steps <= 0 or step >= ramp_steps:
+        return float(end)
+    return float(start) + (float(end) - float(start)) * step / ramp_steps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,6 +379,9 @@ def run(cfg: DictConfig) -> dict:
     total_steps = int(train.max_steps) if train.max_steps else int(train.epochs) * steps_per_epoch
     warmup_steps = int(train.warmup_steps) if train.warmup_steps is not None else round(train.warmup_epochs * steps_per_epoch)
     check_schedule(train.lr, warmup_steps, total_steps, train.start_lr, train.final_lr)
+    mix_cfg = cfg.loss.target_mix
+    mix_ramp_steps = round(float(mix_cfg.ramp_epochs) * steps_per_epoch)
+    target_mix_at(0, mix_cfg.start, mix_cfg.end, mix_ramp_steps)  # validate before building anything
 
     # Model: identical initialisation on every rank, then per-rank random streams.
     model_cfg = resolve_model_section(cfg, manifest)
@@ -483,7 +502,9 @@ def run(cfg: DictConfig) -> dict:
             lr = schedule.lr
             inputs = _to_device(batch, device, float_dtype)
             out = engine(inputs)
-            loss = similarity_adjusted_loss(out["img_emb"], out["cell_emb"], out["temperature"])
+            target_mix = target_mix_at(step, mix_cfg.start, mix_cfg.end, mix_ramp_steps)
+            loss = similarity_adjusted_loss(out["img_emb"], out["cell_emb"], out["temperature"],
+                                            detach_targets=bool(cfg.loss.detach_targets), target_mix=target_mix)
             engine.backward(loss)
             engine.step()
             acc = retrieval_accuracy(out["img_emb"].detach(), out["cell_emb"].detach())
@@ -509,6 +530,7 @@ def run(cfg: DictConfig) -> dict:
                 scalars = {
                     "train/loss": step_loss,
                     "train/temperature": tau,
+                    "train/target_mix": target_mix,
                     "train/lr": lr,
                     "train/retrieval_top1_img_to_cell": step_acc[0],
                     "train/retrieval_top1_cell_to_img": step_acc[1],

@@ -212,3 +212,82 @@ def test_two_gloo_ranks_equal_single_process(tmp_path):
     for result in results:
         assert result["accuracy"] == retrieval_accuracy(img_emb.detach(), cell_emb.detach())
         assert result["uneven_error"] is not None and "same local batch size" in result["uneven_error"]
+
+
+# --- target mixing (λ: (1 − λ)·I + λ·PAST targets) -----------------------------------------
+
+
+def clip_hard_target_loss(img: torch.Tensor, cell: torch.Tensor, tau: float) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE, written independently: each pair's own column is the class."""
+    logits = cell @ img.T / tau
+    labels = torch.arange(img.shape[0])
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+def test_target_mix_zero_is_clip_and_one_is_the_default():
+    g = torch.Generator().manual_seed(4)
+    img, cell = random_unit_rows(g, 7, 5).requires_grad_(), random_unit_rows(g, 7, 5)
+    tau = 0.1
+    got = similarity_adjusted_loss(img, cell, tau, target_mix=0.0)
+    expected = clip_hard_target_loss(img, cell, tau)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-12)
+    grad_got, = torch.autograd.grad(got, img)
+    grad_expected, = torch.autograd.grad(expected, img)
+    torch.testing.assert_close(grad_got, grad_expected)
+    # The PAST targets are not the identity here, so λ really changes the loss.
+    assert similarity_adjusted_loss(img, cell, tau).item() != pytest.approx(got.item(), rel=1e-6)
+    assert similarity_adjusted_loss(img, cell, tau, target_mix=1.0).item() == similarity_adjusted_loss(img, cell, tau).item()
+
+
+@pytest.mark.parametrize("mix", [0.25, 0.7])
+def test_target_mix_interpolates_between_clip_and_past(mix):
+    g = torch.Generator().manual_seed(5)
+    img, cell = random_unit_rows(g, 6, 4), random_unit_rows(g, 6, 4)
+    tau = 0.3
+    # CE is linear in its targets: CE((1 − λ)I + λT) = (1 − λ)·CE(I) + λ·CE(T).
+    expected = (1 - mix) * clip_hard_target_loss(img, cell, tau).item() + mix * reference_loss(img.numpy(), cell.numpy(), tau)
+    assert similarity_adjusted_loss(img, cell, tau, target_mix=mix).item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_target_mix_outside_unit_interval_raises():
+    good = F.normalize(torch.randn(4, 3), dim=-1)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(InputError, match="target_mix"):
+            similarity_adjusted_loss(good, good, 0.1, target_mix=bad)
+
+
+MIX = 0.4
+
+
+def _mix_worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        rows = slice(rank * GLOBAL_BATCH // WORLD_SIZE, (rank + 1) * GLOBAL_BATCH // WORLD_SIZE)
+        x_img, x_cell, modules = _full_batch_problem()
+        img_emb = F.normalize(modules["img"](x_img[rows]), dim=-1)
+        cell_emb = F.normalize(modules["cell"](x_cell[rows]), dim=-1)
+        loss = similarity_adjusted_loss(img_emb, cell_emb, modules["temperature"], target_mix=MIX)
+        loss.backward()
+        param_grads = {}
+        for name, param in modules.named_parameters():
+            grad = param.grad.clone()
+            dist.all_reduce(grad)
+            param_grads[name] = grad / WORLD_SIZE
+        torch.save({"loss": loss.detach(), "param_grads": param_grads}, Path(out_dir) / f"mix_rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_equal_single_process_with_target_mix(tmp_path):
+    # The hard-target part needs each rank's own pairs at global columns rank·B_local + i.
+    mp.spawn(_mix_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    x_img, x_cell, modules = _full_batch_problem()
+    img_emb = F.normalize(modules["img"](x_img), dim=-1)
+    cell_emb = F.normalize(modules["cell"](x_cell), dim=-1)
+    loss = similarity_adjusted_loss(img_emb, cell_emb, modules["temperature"], target_mix=MIX)
+    loss.backward()
+    for r in range(WORLD_SIZE):
+        got = torch.load(tmp_path / f"mix_rank{r}.pt")
+        assert got["loss"].item() == pytest.approx(loss.item(), abs=1e-6, rel=1e-10)
+        for name, param in modules.named_parameters():
+            torch.testing.assert_close(got["param_grads"][name], param.grad, msg=name)

@@ -165,6 +165,16 @@ def test_schedule_starts_at_1e_6_peaks_after_warmup_then_follows_a_cosine():
     assert all(a > b for a, b in zip(rates[10:110], rates[11:111]))  # then falls monotonically
 
 
+def test_target_mix_ramps_linearly_from_start_to_end_then_holds():
+    from pretrain.train import target_mix_at
+
+    assert [target_mix_at(s, 0.0, 1.0, 4) for s in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    assert target_mix_at(0, 0.0, 1.0, 0) == 1.0  # no ramp: the end value from the first step
+    assert target_mix_at(3, 1.0, 1.0, 10) == 1.0  # the defaults: the paper's objective throughout
+    with pytest.raises(InputError, match="target_mix"):
+        target_mix_at(0, -0.5, 1.0, 4)
+
+
 def test_scheduler_sets_rate_from_step_and_resumes_from_its_state():
     param = torch.nn.Parameter(torch.zeros(2))
     optimizer = torch.optim.AdamW([{"params": [param]}, {"params": [], "lr_scale": 0.5}])
