@@ -45,6 +45,7 @@ test: setup
 
 bench: setup
 	$(PY) bench/shards.py
+	$(PY) bench/pretrain.py
 
 clean-demo:
 	rm -rf runs/demo
