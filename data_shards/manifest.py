@@ -7,12 +7,11 @@ never listed. The merge step works the same on one machine and after a SLURM arr
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 from pathlib import Path
 
 from .atomic import write_json
-from .errors import InputError
+from .errors import InputError, read_json_file
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +24,7 @@ def slide_manifests(shard_dir: str | Path) -> list[dict]:
     """Completed slides under ``shard_dir`` (each in its own folder), sorted by slide id."""
     found = []
     for path in sorted(Path(shard_dir).glob(f"*/{SLIDE_MANIFEST_NAME}")):
-        try:
-            found.append(json.loads(path.read_text()))
-        except json.JSONDecodeError as exc:
-            raise InputError(path, None, "valid JSON", str(exc)) from exc
+        found.append(read_json_file(path, "a slide manifest"))
     return found
 
 
@@ -71,9 +67,7 @@ def load_manifest(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST_NAME
-    if not path.is_file():
-        raise InputError(path, None, "a shard manifest written by make_shards", "no such file")
-    manifest = json.loads(path.read_text())
+    manifest = read_json_file(path, "a shard manifest written by make_shards")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise InputError(path, "format_version", str(FORMAT_VERSION), manifest.get("format_version"))
     missing = [s["path"] for s in manifest["shards"] if not (path.parent / s["path"]).is_file()]

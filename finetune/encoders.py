@@ -19,7 +19,6 @@ the export's ``config.json`` (ImageNet's unless it says otherwise).
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_shards.errors import InputError
+from data_shards.errors import InputError, read_json_file
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +127,7 @@ def _load_export(path: Path) -> ImageEncoder:
     if not config_path.is_file():
         raise InputError(config_path, None, "an exported image encoder (image_encoder/config.json from launch/export.py)",
                          "no such file")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise InputError(config_path, None, "valid JSON", str(exc)) from exc
+    config = read_json_file(config_path, "an exported image encoder config")
     if (config.get("past") or {}).get("format") == "past-image-encoder":
         from pretrain.export import load_image_encoder
 

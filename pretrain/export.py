@@ -315,15 +315,6 @@ class PretrainedCellEncoder(nn.Module):
         return rank_tokens(adata, self.vocabulary, self.tech_mean, t["context_length"], t["assay"], t["modality"], t["organism"])
 
 
-def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise InputError(path, None, what, "no such file")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise InputError(path, None, "valid JSON", str(exc)) from exc
-
-
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -353,7 +344,7 @@ def load_image_encoder(path: str | Path, device: str | torch.device = "cpu") -> 
     path = Path(path)
     if (path / IMAGE_DIR).is_dir():
         path = path / IMAGE_DIR
-    config = _read_json(path / CONFIG_NAME, "the config.json of an exported image encoder")
+    config = read_json_file(path / CONFIG_NAME, "the config.json of an exported image encoder")
     past = config.get("past") or {}
     if past.get("format") != "past-image-encoder":
         raise InputError(path / CONFIG_NAME, "past.format", "'past-image-encoder' (written by pretrain.export)", past.get("format"))
@@ -384,7 +375,7 @@ def load_cell_encoder(path: str | Path, device: str | torch.device = "cpu") -> P
     path = Path(path)
     if (path / CELL_DIR).is_dir():
         path = path / CELL_DIR
-    config = _read_json(path / CONFIG_NAME, "the config.json of an exported cell encoder")
+    config = read_json_file(path / CONFIG_NAME, "the config.json of an exported cell encoder")
     if config.get("format") != "past-cell-encoder":
         raise InputError(path / CONFIG_NAME, "format", "'past-cell-encoder' (written by pretrain.export)", config.get("format"))
     tokenizer = config["tokenizer"]
@@ -635,7 +626,7 @@ def _temperature(extras: Mapping[str, torch.Tensor], cfg: DictConfig) -> float |
 
 
 def _read_optional_json(path: Path) -> dict:
-    return _read_json(path, "JSON") if path.is_file() else {}
+    return read_json_file(path, "JSON") if path.is_file() else {}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from torch import nn
 
 from data_shards.atomic import atomic_path, write_json
 from data_shards.config import save_config
-from data_shards.errors import InputError
+from data_shards.errors import InputError, read_json_file
 from data_shards.logs import setup_logging
 from data_shards.manifest import load_manifest
 from data_shards.vocabulary import GENE_OFFSET
@@ -227,10 +227,7 @@ def build_deepspeed_config(cfg: DictConfig, world_size: int, bf16: bool) -> dict
             path = _PROJECT_ROOT / path  # a project config named relative to the checkout
         if not path.is_file():
             raise InputError(path, "deepspeed.config", "an existing DeepSpeed JSON config", "no such file")
-        try:
-            ds = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise InputError(path, None, "valid JSON", str(exc)) from exc
+        ds = read_json_file(path, "an existing DeepSpeed JSON config")
     overrides = OmegaConf.to_container(cfg.deepspeed.overrides, resolve=True) if cfg.deepspeed.overrides else {}
     ds = _deep_merge(ds, overrides)
     train = cfg.train

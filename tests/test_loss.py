@@ -146,6 +146,16 @@ def _full_batch_problem(dtype=torch.float64):
     return x_img, x_cell, modules
 
 
+
+def _rank_averaged_grads(modules) -> dict:
+    """What DeepSpeed/DDP does with data-parallel gradients: average them over ranks."""
+    grads = {}
+    for name, param in modules.named_parameters():
+        grad = param.grad.clone()
+        dist.all_reduce(grad)
+        grads[name] = grad / WORLD_SIZE
+    return grads
+
 def _forward(modules, x_img, x_cell, detach_targets):
     img_emb = F.normalize(modules["img"](x_img), dim=-1)
     cell_emb = F.normalize(modules["cell"](x_cell), dim=-1)
@@ -164,12 +174,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             x_img, x_cell, modules = _full_batch_problem()
             img_emb, cell_emb, loss = _forward(modules, x_img[rows], x_cell[rows], detach_targets)
             loss.backward()
-            # What DeepSpeed/DDP does with data-parallel gradients: average over ranks.
-            param_grads = {}
-            for name, param in modules.named_parameters():
-                grad = param.grad.clone()
-                dist.all_reduce(grad)
-                param_grads[name] = grad / WORLD_SIZE
+            param_grads = _rank_averaged_grads(modules)
             result[detach_targets] = {
                 "loss": loss.detach(),
                 "img_emb_grad": img_emb.grad,
@@ -268,11 +273,7 @@ def _mix_worker(rank: int, init_file: str, out_dir: str) -> None:
         cell_emb = F.normalize(modules["cell"](x_cell[rows]), dim=-1)
         loss = similarity_adjusted_loss(img_emb, cell_emb, modules["temperature"], target_mix=MIX)
         loss.backward()
-        param_grads = {}
-        for name, param in modules.named_parameters():
-            grad = param.grad.clone()
-            dist.all_reduce(grad)
-            param_grads[name] = grad / WORLD_SIZE
+        param_grads = _rank_averaged_grads(modules)
         torch.save({"loss": loss.detach(), "param_grads": param_grads}, Path(out_dir) / f"mix_rank{rank}.pt")
     finally:
         dist.destroy_process_group()

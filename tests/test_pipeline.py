@@ -257,3 +257,9 @@ def test_rewritten_inputs_are_sharded_again(bundle, tmp_path):
     os.utime(cells, ns=(cells.stat().st_atime_ns, cells.stat().st_mtime_ns + 10**9))
     pipeline.build_shards(cfg)
     assert next((tmp_path / "out" / "s1").glob("*.tar")).stat().st_mtime_ns != before
+
+
+def test_malformed_manifest_is_a_clear_error(tmp_path):
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(InputError, match="manifest.json.*valid JSON"):
+        load_manifest(tmp_path)
