@@ -45,7 +45,7 @@ from data_shards.atomic import atomic_path, write_json
 from data_shards.errors import InputError
 from data_shards.manifest import load_manifest
 
-from .encoders import ImageEncoder, check_which
+from .encoders import ImageEncoder, check_which, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -356,6 +356,9 @@ EMBED_DEFAULTS: dict[str, Any] = {
     "shards": None,  # a shard manifest (or its folder): embed every cell crop
     "slides": [],  # whole slides: [{path, id, um_per_px (optional), meta {}}]
     "tiles": {"um_per_px": 0.5, "size_px": 224, "min_tissue_fraction": 0.5, "thumbnail_max_side": 2048},
+    # The exported PAST cell encoder (export folder) over the cells of `shards`: <out_dir>/cells/<slide>.h5ad
+    # (finetune.embed_cells), e.g. the per-patient cell token of PAST-multi survival.
+    "cells": {"encoder": None, "which": "projected", "batch_size": 256},
 }
 
 
@@ -396,7 +399,19 @@ def run_embed(cfg) -> dict:
             meta=OmegaConf.to_container(entry.meta, resolve=True) if entry.get("meta") else None,
             thumbnail_max_side=int(cfg.tiles.thumbnail_max_side), progress=bool(cfg.progress),
         )
-    save_config(cfg, out_dir / "embed_config.yaml")
+    result = {"out_dir": str(out_dir), "files": {k: str(v) for k, v in files.items()}}
     index = json.loads((out_dir / INDEX_NAME).read_text())
-    return {"out_dir": str(out_dir), "files": {k: str(v) for k, v in files.items()},
-            "n": {k: index["slides"][k]["n"] for k in files}}
+    result["n"] = {k: index["slides"][k]["n"] for k in files}
+    if cfg.cells.encoder:
+        if not cfg.shards:
+            raise InputError(None, "shards", "a shard manifest whose cells the cell encoder embeds", None)
+        from pretrain.export import load_cell_encoder
+
+        from .embed_cells import embed_cells
+
+        cell_encoder = load_cell_encoder(cfg.cells.encoder, device=resolve_device(cfg.device))
+        cell_files = embed_cells(cell_encoder, cfg.shards, out_dir / "cells", int(cfg.cells.batch_size),
+                                 str(cfg.cells.which), bool(cfg.progress))
+        result["cell_files"] = {k: str(v) for k, v in cell_files.items()}
+    save_config(cfg, out_dir / "embed_config.yaml")
+    return result

@@ -20,7 +20,8 @@
    need a common scale.
 
 Outputs in `out_dir`: `config.yaml`, `fold_metrics.csv`, `summary.csv`, `metrics.json`,
-`oof_risks.csv`, `kaplan_meier.png`, each written atomically.
+`oof_risks.csv`, `paired_gains.csv` (fold-by-fold C-index gain of MCAT over each single modality and of
+PAST-multi over MCAT), `kaplan_meier.png`, each written atomically.
 """
 from __future__ import annotations
 
@@ -80,7 +81,9 @@ DEFAULTS: dict[str, Any] = {
         "censoring_fraction": 0.3,
         "base_slide": None,  # a real slide whose tiles, embedded by each of `encoders`, form the base bags
         "base_embeddings": None,  # or a folder/file of real patch embeddings to plant the risk direction on
-        "base_cell_embeddings": None,
+        "base_cell_embeddings": None,  # a folder/file of real cell embeddings whose means form the cell tokens
+        # or made here: the exported PAST cell encoder (export folder) over the cells of a shard manifest
+        "base_cells": {"manifest": None, "cell_encoder": None, "which": "projected", "batch_size": 256},
         "encoder_name": "synthetic",  # the name of the image source when no encoder embeds a base slide
     },
     "model": {"dim": 256, "n_heads": 8, "n_layers": 2, "dropout": 0.25, "n_bins": 4},
@@ -305,6 +308,32 @@ def _summary_table(fold_metrics: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+# What each richer model adds over a simpler one, compared fold by fold on the same test patients: the
+# spread of C over folds mostly reflects how hard each fold is, which a paired difference cancels.
+PAIRED_COMPARISONS = (("mcat", "pathology"), ("mcat", "genomic"), ("past_multi", "mcat"))
+
+
+def paired_gains(fold_metrics: pd.DataFrame) -> pd.DataFrame:
+    """Per encoder: Harrell C of `better` minus `base` in each fold, mean ± sd, and the folds it wins."""
+    rows = []
+    for encoder in [e for e in fold_metrics["encoder"].unique() if e != "-"]:
+        for better, base in PAIRED_COMPARISONS:
+            def c_by_fold(mode: str) -> pd.Series:
+                owner = "-" if mode == "genomic" else encoder
+                picked = fold_metrics[(fold_metrics["encoder"] == owner) & (fold_metrics["mode"] == mode)]
+                return picked.set_index("fold")["harrell_c"]
+
+            a, b = c_by_fold(better), c_by_fold(base)
+            common = a.index.intersection(b.index)
+            if len(common) == 0:
+                continue
+            diff = (a[common] - b[common]).to_numpy()
+            rows.append({"encoder": encoder, "comparison": f"{MODE_NAMES[better]} − {MODE_NAMES[base]}",
+                         "mean_gain": float(diff.mean()), "sd_gain": float(diff.std(ddof=1)) if len(diff) > 1 else 0.0,
+                         "folds_won": int((diff > 0).sum()), "folds": int(len(diff))})
+    return pd.DataFrame(rows, columns=["encoder", "comparison", "mean_gain", "sd_gain", "folds_won", "folds"])
+
+
 def _format_table(summary: pd.DataFrame, p_values: Mapping[tuple[str, str], float]) -> str:
     lines = [f"{'encoder':<14} {'mode':<15} {'Harrell C':>15} {'Uno C':>15} {'log-rank p':>11}"]
     for row in summary.itertuples():
@@ -350,6 +379,21 @@ def embed_with_encoders(cfg: DictConfig, slides: Mapping[str, str], out_folder: 
     return folders
 
 
+def embed_base_cells(base_cells: DictConfig, out_folder: Path, device: str, progress: bool) -> str:
+    """Embed the cells of a shard manifest with an exported PAST cell encoder; the folder of per-slide files."""
+    from pretrain.export import load_cell_encoder
+
+    from .embed_cells import embed_cells
+    from .encoders import resolve_device
+
+    for key in ("manifest", "cell_encoder"):
+        if not Path(base_cells[key]).exists():
+            raise InputError(base_cells[key], f"cohort.base_cells.{key}", "an existing path", "no such file")
+    encoder = load_cell_encoder(base_cells.cell_encoder, device=resolve_device(device))
+    embed_cells(encoder, base_cells.manifest, out_folder, int(base_cells.batch_size), str(base_cells.which), progress)
+    return str(out_folder)
+
+
 def _prepare_synthetic(cfg: DictConfig, out_dir: Path) -> None:
     """Make the synthetic cohort, once per image encoder when a base slide is embedded by several."""
     from .synthetic_cohort import make_cohort
@@ -360,11 +404,14 @@ def _prepare_synthetic(cfg: DictConfig, out_dir: Path) -> None:
         bases = embed_with_encoders(cfg, {"base": c.base_slide}, out_dir / "base_tiles")
     else:
         bases = {str(c.encoder_name): c.base_embeddings}
+    base_cells = c.base_cell_embeddings
+    if c.base_cells.manifest and c.base_cells.cell_encoder:
+        base_cells = embed_base_cells(c.base_cells, out_dir / "base_cells", cfg.train.device, bool(cfg.progress))
     made = {name: make_cohort(cohort_dir / name, n_patients=int(c.n_patients), embedding_dim=int(c.embedding_dim),
                               cell_dim=int(c.cell_dim), seed=int(cfg.seed), image_effect=float(c.image_effect),
                               genomic_effect=float(c.genomic_effect), cell_effect=float(c.cell_effect),
                               censoring_fraction=float(c.censoring_fraction), base_embeddings=base,
-                              base_cell_embeddings=c.base_cell_embeddings)
+                              base_cell_embeddings=base_cells)
             for name, base in bases.items()}
     first = next(iter(made.values()))  # the clinical tables are identical across encoders (one RNG stream)
     cfg.data.clinical_csv = str(first["clinical_csv"])
@@ -449,13 +496,15 @@ def _run_all(cfg: DictConfig, cohort: Cohort, image_sources: Mapping[str, str], 
     oof_risks = pd.concat(all_oof, ignore_index=True)
     summary = _summary_table(fold_metrics)
     summary["logrank_p"] = [p_values[(e, m)] for e, m in zip(summary["encoder"], summary["mode"])]
+    gains = paired_gains(fold_metrics)
 
     def _run_name(encoder: str, mode: str) -> str:
         return MODE_NAMES[mode] if encoder == "-" or len(image_sources) <= 1 else f"{MODE_NAMES[mode]} · {encoder}"
 
     km_path = plot_kaplan_meier({_run_name(e, m): oof_risks[(oof_risks["encoder"] == e) & (oof_risks["mode"] == m)]
                                  for e, m in runs}, out_dir / "kaplan_meier.png")
-    for name, frame in (("fold_metrics.csv", fold_metrics), ("summary.csv", summary), ("oof_risks.csv", oof_risks)):
+    for name, frame in (("fold_metrics.csv", fold_metrics), ("summary.csv", summary), ("oof_risks.csv", oof_risks),
+                        ("paired_gains.csv", gains)):
         with atomic_path(out_dir / name) as tmp:
             frame.to_csv(tmp, index=False, float_format="%.6g")
     clean = lambda v: None if isinstance(v, float) and not np.isfinite(v) else v  # noqa: E731
@@ -463,6 +512,7 @@ def _run_all(cfg: DictConfig, cohort: Cohort, image_sources: Mapping[str, str], 
         "n_patients": len(cohort), "n_events": int(cohort.events.sum()), "n_folds": len(folds),
         "summary": [{k: clean(v) for k, v in row.items()} for row in summary.to_dict(orient="records")],
         "folds": [{k: clean(v) for k, v in row.items()} for row in fold_metrics.to_dict(orient="records")],
+        "paired_gains": [{k: clean(v) for k, v in row.items()} for row in gains.to_dict(orient="records")],
     })
 
     fold_table = fold_metrics.assign(mode=fold_metrics["mode"].map(MODE_NAMES))[
@@ -471,10 +521,15 @@ def _run_all(cfg: DictConfig, cohort: Cohort, image_sources: Mapping[str, str], 
     print(f"\nSurvival, {len(folds)}-fold CV by patient ({len(cohort)} patients, {int(cohort.events.sum())} events)")
     print("\nPer fold:\n" + fold_table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print("\nMean ± sd over folds:\n" + table)
+    if len(gains):
+        print("\nPaired gain in Harrell C, fold by fold on the same test patients (mean ± sd, folds won):")
+        for row in gains.itertuples():
+            print(f"  {row.encoder:<12} {row.comparison:<30} {row.mean_gain:+.3f} ± {row.sd_gain:.3f}   "
+                  f"{row.folds_won}/{row.folds}")
     print(f"\nKaplan–Meier: {km_path}\nOutputs: {out_dir}\n")
     return {"out_dir": out_dir, "summary": summary, "fold_metrics": fold_metrics, "oof_risks": oof_risks,
             "logrank_p": {_run_name(e, m): p for (e, m), p in p_values.items()}, "kaplan_meier_png": km_path,
-            "table": table}
+            "table": table, "paired_gains": gains}
 
 
 __all__ = ["DEFAULTS", "MODE_NAMES", "run_survival", "torch_threads", "embed_with_encoders", "cross_validate", "train_model", "predict_risk",

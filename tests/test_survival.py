@@ -224,3 +224,23 @@ def test_run_survival_writes_tables_and_kaplan_meier(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "PAST-multi" in printed and "Harrell C" in printed and "Uno C" in printed
     assert 0.0 <= result["logrank_p"]["PAST-multi"] <= 1.0
+
+
+def test_paired_gains_compare_the_same_folds_by_hand():
+    from finetune.survival import paired_gains
+
+    c = {("E", "pathology"): [0.60, 0.70, 0.65], ("-", "genomic"): [0.55, 0.58, 0.70],
+         ("E", "mcat"): [0.66, 0.69, 0.72], ("E", "past_multi"): [0.70, 0.71, 0.71]}
+    folds = pd.DataFrame([{"encoder": e, "mode": m, "fold": f, "harrell_c": v}
+                          for (e, m), values in c.items() for f, v in enumerate(values)])
+    gains = paired_gains(folds).set_index("comparison")
+    expected = {"MCAT − pathology only": ("mcat", "E", "pathology", "E"),
+                "MCAT − genomic only": ("mcat", "E", "genomic", "-"),
+                "PAST-multi − MCAT": ("past_multi", "E", "mcat", "E")}
+    assert set(gains.index) == set(expected)
+    for name, (better, e1, base, e2) in expected.items():
+        diff = np.array(c[(e1, better)]) - np.array(c[(e2, base)])
+        assert gains.loc[name, "mean_gain"] == pytest.approx(diff.mean())
+        assert gains.loc[name, "sd_gain"] == pytest.approx(diff.std(ddof=1))
+        assert gains.loc[name, "folds_won"] == int((diff > 0).sum())
+    assert (gains["encoder"] == "E").all() and (gains["folds"] == 3).all()
