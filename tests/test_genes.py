@@ -244,3 +244,16 @@ def test_run_genes_refuses_settings_the_metadata_cannot_support_before_writing(s
     with pytest.raises(InputError, match="modes"):
         run_genes(OmegaConf.merge(cfg, {"setting": "intra", "modes": ["lora"]}))
     assert not (tmp_path / "out").exists()
+
+
+def test_paired_gene_comparison_counts_wins_and_matches_scipy():
+    from scipy.stats import wilcoxon
+
+    from finetune.genes import paired_gene_comparison
+
+    ours = np.array([0.5, 0.4, np.nan, 0.3, 0.2, 0.6, 0.1])
+    base = np.array([0.4, 0.45, 0.2, 0.1, 0.1, 0.3, np.nan])
+    result = paired_gene_comparison(ours, base)
+    kept = [0, 1, 3, 4, 5]  # genes with a correlation in both runs
+    assert result["genes_compared"] == 5 and result["genes_won"] == 4
+    assert result["wilcoxon_p"] == pytest.approx(wilcoxon(ours[kept] - base[kept]).pvalue)
