@@ -57,6 +57,7 @@ def write_pyramidal_ome_tiff(
     quality: int = 90,
     tile_px: int = TILE_PX,
     description: str = "post-Xenium H&E",
+    progress: bool = True,
 ) -> Path:
     """Write the slide atomically.
 
@@ -76,7 +77,8 @@ def write_pyramidal_ome_tiff(
         compressionargs={"level": int(quality)},
         resolutionunit="CENTIMETER",
     )
-    with atomic_path(path) as tmp, tqdm(total=n_tiles, desc="H&E tiles", unit="tile", leave=False) as bar:
+    with atomic_path(path) as tmp, tqdm(total=n_tiles, desc="H&E tiles", unit="tile", leave=False,
+                                  disable=not progress) as bar:
 
         def counted(level: int, shape: tuple[int, int]) -> Iterator[np.ndarray]:
             for tile in tiles_for_level(level, shape):

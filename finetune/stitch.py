@@ -566,7 +566,7 @@ def predict_slide_to_ome_tiff(slide_path: str | Path, out_path: str | Path, pred
             if channel_names is None:
                 tiles_for_level = pyramid_tiles(result, to_uint8, TILE_PX, scratch)
                 write_pyramidal_ome_tiff(out_path, shape_hw, um_per_px, tiles_for_level, quality=quality,
-                                         tile_px=TILE_PX, description=description)
+                                         tile_px=TILE_PX, description=description, progress=progress)
             else:
                 write_multichannel_ome_tiff(out_path, result, um_per_px, channel_names, dtype=multichannel_dtype,
                                             description=description, scratch_dir=accumulator_dir,

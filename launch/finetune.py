@@ -3,6 +3,8 @@
     python launch/finetune.py embed    --config configs/finetune/embed_demo.yaml    [key=value ...]
     python launch/finetune.py genes    --config configs/finetune/genes_demo.yaml    [key=value ...]
     python launch/finetune.py survival --config configs/finetune/survival_demo.yaml [key=value ...]
+    python launch/finetune.py ihc      --config configs/finetune/ihc_demo.yaml      [key=value ...]
+    python launch/finetune.py mif      --config configs/finetune/mif_demo.yaml      [key=value ...]
 """
 import argparse
 import importlib
@@ -15,7 +17,8 @@ from data_shards.config import load_config  # noqa: E402
 from data_shards.logs import setup_logging  # noqa: E402
 
 TASKS = {"embed": ("finetune.embed", "run_embed"), "genes": ("finetune.genes", "run_genes"),
-         "survival": ("finetune.survival", "run_survival")}
+         "survival": ("finetune.survival", "run_survival"), "ihc": ("finetune.ihc", "run_ihc"),
+         "mif": ("finetune.mif", "run_mif")}
 
 
 def main() -> None:
