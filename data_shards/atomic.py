@@ -100,3 +100,15 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def save_png(fig: Any, path: str | Path, dpi: int = 110) -> Path:
+    """Write a matplotlib figure as PNG atomically (tight layout) and close it, so long runs do not leak figures."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+    return path

@@ -27,7 +27,7 @@ import pandas as pd
 from sklearn.metrics import adjusted_rand_score
 from sklearn.neighbors import KNeighborsClassifier
 
-from data_shards.atomic import atomic_path
+from data_shards.atomic import save_png
 
 from .metrics import pearson_per_gene
 
@@ -171,9 +171,4 @@ def plot_spatial_maps(path: str | Path, xy_um: np.ndarray, gene: str, measured: 
             ax.set_ylabel("y (µm)")
             fig.colorbar(points, ax=ax, shrink=0.7, label="log-normalised expression")
     fig.suptitle(f"{gene}: measured vs predicted log-expression of the test cells (r over all test cells)", fontsize=11)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=110)

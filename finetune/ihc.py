@@ -41,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from data_shards.atomic import atomic_dir, atomic_path, write_json
+from data_shards.atomic import atomic_dir, atomic_path, write_json, save_png
 from data_shards.config import save_config
 from data_shards.errors import InputError
 
@@ -517,11 +517,7 @@ def plot_examples(path: Path, names: Sequence[str], he: Sequence[np.ndarray], pr
             ax.set_title(title if score is None or not np.isfinite(score) else f"{title}\nH-score {score:.0f}",
                          fontsize=8)
         axes[row, 0].set_ylabel(name, fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=110)
 
 
 def plot_hscore_scatter(path: Path, real: np.ndarray, preds: Mapping[str, np.ndarray],
@@ -540,11 +536,7 @@ def plot_hscore_scatter(path: Path, real: np.ndarray, preds: Mapping[str, np.nda
     ax.set_xlim(-5, 305), ax.set_ylim(-5, 305)
     ax.set_xlabel("H-score, real IHC"), ax.set_ylabel("H-score, predicted IHC")
     ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=120)
 
 
 def save_generator(folder: Path, generator: FiLMUNet, meta: Mapping[str, Any]) -> None:
@@ -627,11 +619,7 @@ def _plot_wsi_preview(path: Path, slide_path: Path, ihc_path: Path, max_side: in
     fig, axes = plt.subplots(1, 2, figsize=(10, 5 * he.shape[0] / he.shape[1] + 0.4))
     for ax, image, title in zip(axes, (he, ihc), ("H&E", "virtual IHC")):
         ax.imshow(image), ax.set_title(title), ax.axis("off")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path.name
+    return save_png(fig, path, dpi=110).name
 
 
 # ---------------------------------------------------------------------------------------------

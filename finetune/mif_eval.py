@@ -32,7 +32,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from data_shards.atomic import atomic_path
+from data_shards.atomic import atomic_path, save_png
 from data_shards.errors import InputError
 
 from .metrics import ssim
@@ -291,12 +291,7 @@ def plot_examples(he_tiles: Sequence[np.ndarray], preds: Sequence[np.ndarray], t
         for ax in (*top, *bottom):
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=dpi)
 
 
 def plot_training_curve(steps: Sequence[int], losses: Sequence[float], lrs: Sequence[float], path: str | Path) -> Path:
@@ -314,12 +309,7 @@ def plot_training_curve(steps: Sequence[int], losses: Sequence[float], lrs: Sequ
     twin = ax.twinx()
     twin.plot(steps, lrs, color="tab:orange", lw=1)
     twin.set_ylabel("learning rate", color="tab:orange")
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=110)
 
 
 def write_prediction_tiff(path: str | Path, pred: np.ndarray, markers: Sequence[str]) -> Path:

@@ -38,7 +38,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from data_shards.atomic import atomic_path, write_json
+from data_shards.atomic import atomic_path, write_json, save_png
 from data_shards.config import save_config
 from data_shards.errors import InputError
 
@@ -289,12 +289,7 @@ def plot_kaplan_meier(oof_by_run: Mapping[str, pd.DataFrame], path: str | Path) 
         ax.legend(fontsize=7, loc="lower left")
     for ax in axes.ravel()[n:]:
         ax.axis("off")
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=120)
 
 
 # ---------------------------------------------------------------------------------------------
