@@ -50,6 +50,7 @@ test: setup
 bench: setup
 	$(PY) bench/shards.py
 	$(PY) bench/pretrain.py
+	$(PY) bench/stitch.py
 
 clean-demo:
 	rm -rf runs/demo
