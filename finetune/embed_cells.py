@@ -16,7 +16,6 @@ cell feature fused with the neighbourhood graph, before the projection.
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -60,7 +59,8 @@ def iter_cell_batches(manifest: Mapping[str, Any], shards: Sequence[Mapping[str,
     Inputs: ``tokens`` int64 (B, L), ``nbr_tokens`` int64 (N, L), ``nbr_offsets_um`` float32
     (N, 2), ``nbr_batch`` int64 (N,) — the layout of ``pretrain.collate``, without augmentation.
     """
-    from pretrain.shard_io import load_npy, tar_samples
+    from pretrain.collate import decode_cell_arrays
+    from pretrain.shard_io import tar_samples
 
     root = Path(manifest["root"])
     metas: list[dict] = []
@@ -70,33 +70,21 @@ def iter_cell_batches(manifest: Mapping[str, Any], shards: Sequence[Mapping[str,
 
     def batch() -> dict[str, torch.Tensor]:
         counts = [len(n) for n in nbr_tokens]
-        length = tokens[0].shape[0]
         return {
             "tokens": torch.from_numpy(np.stack(tokens).astype(np.int64)),  # (B, L)
-            "nbr_tokens": torch.from_numpy(np.concatenate([n.reshape(-1, length) for n in nbr_tokens]).astype(np.int64)),
-            "nbr_offsets_um": torch.from_numpy(np.concatenate([o.reshape(-1, 2) for o in nbr_offsets]).astype(np.float32)),
+            "nbr_tokens": torch.from_numpy(np.concatenate(nbr_tokens).astype(np.int64)),  # (N, L)
+            "nbr_offsets_um": torch.from_numpy(np.concatenate(nbr_offsets).astype(np.float32)),  # (N, 2)
             "nbr_batch": torch.from_numpy(np.repeat(np.arange(len(tokens), dtype=np.int64), counts)),  # (N,)
         }
 
     for shard in shards:
-        path = root / shard["path"]
-        for raw in tar_samples([{"url": str(path)}]):
-            key = raw["__key__"]
-            try:
-                meta = json.loads(raw["json"])
-                cell_tokens = load_npy(raw["tokens.npy"])  # int32 (L,)
-                neighbours = load_npy(raw["nbr_tokens.npy"])  # int32 (m, L)
-                offsets_um = load_npy(raw["nbr_offsets.npy"])  # float32 (m, 2)
-            except KeyError as exc:
-                raise InputError(path, f"{key}.{exc.args[0]}", "json, tokens.npy, nbr_tokens.npy, nbr_offsets.npy",
-                                 "missing") from exc
-            if neighbours.size and neighbours.shape[-1] != cell_tokens.shape[0]:
-                raise InputError(path, f"{key}.nbr_tokens.npy", f"(m, {cell_tokens.shape[0]})", neighbours.shape)
-            meta["key"] = key
+        for raw in tar_samples([{"url": str(root / shard["path"])}]):
+            cell = decode_cell_arrays(raw)
+            meta = dict(cell.meta, key=raw["__key__"])
             metas.append(meta)
-            tokens.append(cell_tokens)
-            nbr_tokens.append(neighbours)
-            nbr_offsets.append(offsets_um)
+            tokens.append(cell.tokens)
+            nbr_tokens.append(cell.nbr_tokens)
+            nbr_offsets.append(cell.nbr_offsets_um)
             if len(tokens) == batch_size:
                 yield metas, batch()
                 metas, tokens, nbr_tokens, nbr_offsets = [], [], [], []

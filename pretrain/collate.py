@@ -59,16 +59,23 @@ class DecodedSample(NamedTuple):
     meta: dict
 
 
-def decode_sample(raw: dict, decode_jpeg: Callable[[bytes], np.ndarray]) -> DecodedSample:
-    """Raw tar sample (bytes per extension) -> checked arrays. Errors name the shard and member."""
+class CellArrays(NamedTuple):
+    tokens: np.ndarray  # int32 (L,)
+    nbr_tokens: np.ndarray  # int32 (m, L)
+    nbr_offsets_um: np.ndarray  # float32 (m, 2), (dx, dy) µm
+    meta: dict
+
+
+def decode_cell_arrays(raw: dict) -> CellArrays:
+    """The cell-tower members of a raw tar sample (tokens, neighbours, offsets, json), checked.
+
+    Shared by training (:func:`decode_sample`) and by cell embedding, which never decodes the crop.
+    Errors name the shard and member.
+    """
     key = raw.get("__key__")
     url = raw.get("__url__")
-    field = "jpg"
+    field = "tokens.npy"
     try:
-        image = decode_jpeg(raw["jpg"])  # uint8 (H, W, 3)
-        if image.ndim == 2:  # greyscale JPEG
-            image = np.repeat(image[:, :, None], 3, axis=2)
-        field = "tokens.npy"
         tokens = load_npy(raw["tokens.npy"])  # int32 (L,)
         field = "nbr_tokens.npy"
         nbr_tokens = load_npy(raw["nbr_tokens.npy"])  # int32 (m, L)
@@ -84,13 +91,30 @@ def decode_sample(raw: dict, decode_jpeg: Callable[[bytes], np.ndarray]) -> Deco
     if nbr_tokens.size == 0 and nbr_offsets.size == 0:  # no neighbours, whatever the empty shape
         nbr_tokens = np.zeros((0, tokens.shape[0]), dtype=np.int32)
         nbr_offsets = np.zeros((0, 2), dtype=np.float32)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise InputError(url, f"{key}.jpg", "an RGB image", f"shape {image.shape}")
     if tokens.ndim != 1 or nbr_tokens.ndim != 2 or nbr_tokens.shape[1] != tokens.shape[0]:
         raise InputError(url, f"{key}.nbr_tokens.npy", f"(m, {tokens.shape[0]}) beside tokens (L,)", nbr_tokens.shape)
     if nbr_offsets.shape != (nbr_tokens.shape[0], 2):
         raise InputError(url, f"{key}.nbr_offsets.npy", f"({nbr_tokens.shape[0]}, 2) µm", nbr_offsets.shape)
-    return DecodedSample(key, image, tokens, nbr_tokens, nbr_offsets, meta)
+    return CellArrays(tokens, nbr_tokens, nbr_offsets, meta)
+
+
+def decode_sample(raw: dict, decode_jpeg: Callable[[bytes], np.ndarray]) -> DecodedSample:
+    """Raw tar sample (bytes per extension) -> checked arrays. Errors name the shard and member."""
+    key = raw.get("__key__")
+    url = raw.get("__url__")
+    try:
+        image = decode_jpeg(raw["jpg"])  # uint8 (H, W, 3)
+    except KeyError as exc:
+        raise InputError(url, f"{key}.jpg", "a sample with jpg, tokens.npy, nbr_tokens.npy, nbr_offsets.npy, json",
+                         "missing") from exc
+    except Exception as exc:
+        raise InputError(url, f"{key}.jpg", "a decodable member", f"{type(exc).__name__}: {exc}") from exc
+    if image.ndim == 2:  # greyscale JPEG
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise InputError(url, f"{key}.jpg", "an RGB image", f"shape {image.shape}")
+    cell = decode_cell_arrays(raw)
+    return DecodedSample(key, image, cell.tokens, cell.nbr_tokens, cell.nbr_offsets_um, cell.meta)
 
 
 class BatchAssembler:
