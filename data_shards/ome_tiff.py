@@ -8,14 +8,14 @@ slide larger than memory is never held whole.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import tifffile
 from tqdm import tqdm
 
-from .atomic import atomic_path
+from common.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 

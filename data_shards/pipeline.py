@@ -7,14 +7,14 @@ is renamed to ``<shard_dir>/<slide_id>/`` only when complete, so a crash mid-sli
 that a reader would pick up, and a re-run skips slides already done. ``manifest.json`` at the top
 is merged from the completed slides' manifests (also after a SLURM array job).
 
-Config (OmegaConf; every key has a default in ``DEFAULTS``)::
+Config: :class:`data_shards.schema.DataConfig` (every key, its default and what it does)::
 
     out_dir: shard folder
     slides: [{id, bundle, he_slide (relative to bundle), registration (json path or null), meta {}}]
     vocab: "panel" (build from the bundles' genes) or a path (gene list / Nicheformer model.h5ad)
     tech_mean: "compute" (from the training cells, saved as tech_mean.npy), a .npy path, or null
     matrix / min_qv: how counts are read (see data_shards.xenium.read_xenium)
-    tokens, neighbours, crop, qc, shards, register: see DEFAULTS
+    tokens, neighbours, crop, qc, shards, register: see the schema
 """
 from __future__ import annotations
 
@@ -30,40 +30,25 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from .atomic import atomic_dir, write_json
-from .config import save_config
-from .crops import CropReader, encode_jpeg
-from .errors import InputError
+from common.atomic import atomic_dir, write_json
+from common.config import apply_schema, save_config
+from common.errors import InputError
+from common.logs import setup_logging
+
+from .crops import CropReader
 from .manifest import SLIDE_MANIFEST_NAME, merge_manifests
 from .neighbours import find_neighbours, neighbour_sample
 from .qc import apply_filters, on_tissue, tissue_mask
 from .register import Registration, register_bundle
+from .sample import encode_jpeg, encode_sample
+from .schema import DataConfig, slide_register_config
 from .slide import Slide
 from .tokenize import compute_tech_mean, load_tech_mean, rank_tokens_with_report, save_tech_mean
 from .vocabulary import Vocabulary
-from .writer import ShuffledShardWriter, encode_sample, plan_shards
+from .writer import ShuffledShardWriter, plan_shards
 from .xenium import read_xenium
 
 log = logging.getLogger(__name__)
-
-DEFAULTS: dict[str, Any] = {
-    "out_dir": "runs/shards",
-    "slides": [],
-    "only_slides": None,  # list of slide ids to process (a SLURM array task passes one); null = all
-    "workers": 1,  # slides processed in parallel processes
-    "merge": True,  # write manifest.json after the slides
-    "vocab": "panel",
-    "tech_mean": "compute",
-    "matrix": "auto",
-    "min_qv": 20.0,
-    "tokens": {"context_length": 300, "assay": "xenium", "modality": "spatial", "organism": "human"},
-    "neighbours": {"k": 8, "radius_um": 50.0},
-    "crop": {"size_px": 224, "target_um_per_px": None, "out_of_bounds": "pad", "on_read_error": "skip", "block_px": 2048},
-    "qc": {"min_transcripts": 10, "min_genes": 3, "require_nucleus": True, "on_tissue": True, "tissue_thumbnail_px": 2048},
-    "shards": {"samples_per_shard": 2000, "jpeg_quality": 90, "group_um": None, "seed": 0},
-    "register": {},  # data_shards.register.DEFAULT_CONFIG overrides, for slides without a saved registration
-    "progress": True,
-}
 
 
 def _input_fingerprint(slide: dict) -> list:
@@ -119,8 +104,7 @@ def _registration_for(slide: DictConfig, cfg: DictConfig, bundle: Path, stage_di
         report_path = path.with_name("registration_report.json")
         report = json.loads(report_path.read_text()) if report_path.is_file() else {}
         return registration, report
-    register_cfg = OmegaConf.merge(OmegaConf.create({"he_slide": slide.get("he_slide", "he/post_xenium_he.ome.tif")}), cfg.register)
-    report = register_bundle(bundle, stage_dir / "registration", register_cfg)
+    report = register_bundle(bundle, stage_dir / "registration", slide_register_config(cfg.register, slide))
     return Registration.from_json(stage_dir / "registration" / "registration.json"), report
 
 
@@ -315,7 +299,7 @@ def load_prepared(shard_dir: Path) -> tuple[Vocabulary, np.ndarray | None, dict,
 
 def merge(cfg: DictConfig) -> dict:
     """Build manifest.json from the completed slides (the last step of a SLURM array job)."""
-    cfg = OmegaConf.merge(OmegaConf.create(DEFAULTS), cfg)
+    cfg = apply_schema(DataConfig, cfg)
     shard_dir = Path(cfg.out_dir)
     _, _, vocab_info, mean_info = load_prepared(shard_dir)
     return merge_manifests(shard_dir, vocab_info, OmegaConf.to_container(cfg, resolve=True), mean_info)
@@ -323,7 +307,7 @@ def merge(cfg: DictConfig) -> dict:
 
 def prepare(cfg: DictConfig) -> dict:
     """Write the shared vocabulary and technology mean (before a SLURM array job)."""
-    cfg = OmegaConf.merge(OmegaConf.create(DEFAULTS), cfg)
+    cfg = apply_schema(DataConfig, cfg)
     shard_dir = Path(cfg.out_dir)
     shard_dir.mkdir(parents=True, exist_ok=True)
     _, _, vocab_info, mean_info = prepare_vocabulary(cfg, shard_dir)
@@ -332,8 +316,6 @@ def prepare(cfg: DictConfig) -> dict:
 
 def _shard_slide_job(args: tuple) -> dict:
     slide, cfg, vocab_path, tech_mean, shard_dir = args
-    from .logs import setup_logging
-
     setup_logging()
     slide, cfg = OmegaConf.create(slide), OmegaConf.create(cfg)
     return shard_slide(slide, cfg, Vocabulary.from_file(vocab_path), tech_mean, Path(shard_dir))
@@ -341,7 +323,7 @@ def _shard_slide_job(args: tuple) -> dict:
 
 def build_shards(cfg: DictConfig) -> dict | None:
     """Shard every configured slide (skipping completed ones) and merge the manifest."""
-    cfg = OmegaConf.merge(OmegaConf.create(DEFAULTS), cfg)
+    cfg = apply_schema(DataConfig, cfg)
     if not cfg.slides:
         raise InputError(None, "slides", "at least one slide entry {id, bundle, ...}", "none")
     for i, slide in enumerate(cfg.slides):

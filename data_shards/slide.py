@@ -15,7 +15,7 @@ import numpy as np
 import tifffile
 import zarr
 
-from .errors import InputError
+from common.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class Slide:
         self._arrays.clear()
         self._tif.close()
 
-    def __enter__(self) -> "Slide":
+    def __enter__(self) -> Slide:
         return self
 
     def __exit__(self, *exc) -> None:

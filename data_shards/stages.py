@@ -1,25 +1,40 @@
-"""The data stages as called by the entry scripts in ``launch/`` (which only parse the config)."""
+"""The data stages as called by the entry scripts in ``launch/`` (which only parse the config).
+
+Every function here checks its config against :class:`data_shards.schema.DataConfig` first
+(``common.config.apply_schema``), so a misspelled key is refused before anything is written.
+"""
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from common.config import apply_schema
+from common.errors import InputError
+
 from . import pipeline
+from .manifest import verify_shards
 from .register import Registration, register_bundle
+from .schema import DataConfig, slide_register_config
+from .synthetic import make_bundle
 
 log = logging.getLogger(__name__)
+
+SHARD_COMMANDS = ("build", "register", "prepare", "merge", "verify")
 
 
 def run_make_bundle(cfg: DictConfig) -> dict:
     """``bundle`` section -> ``synthetic.make_bundle(out_dir, mode, **rest)``; prints what it planted."""
-    from .synthetic import make_bundle
-
+    cfg = apply_schema(DataConfig, cfg)
     section = OmegaConf.to_container(cfg.bundle, resolve=True)
     out_dir = section.pop("out_dir")
-    mode = section.pop("mode", "real")
+    if not out_dir:
+        raise InputError(None, "bundle.out_dir", "the folder to write the bundle to", out_dir)
+    mode = section.pop("mode")
     truth = make_bundle(out_dir, mode, **section)
     print(f"[bundle] {mode} bundle with {truth['n_cells']:,} cells written to {out_dir}")
     print(f"[bundle] planted Xenium µm -> H&E px map: rotation {truth.get('rotation_deg', float('nan')):.2f}°, "
@@ -29,12 +44,11 @@ def run_make_bundle(cfg: DictConfig) -> dict:
 
 def run_register(cfg: DictConfig) -> dict:
     """Fit, check and save every slide's registration under ``registration_dir/<slide id>/``."""
-    cfg = OmegaConf.merge(OmegaConf.create(pipeline.DEFAULTS), cfg)
+    cfg = apply_schema(DataConfig, cfg)
     reports = {}
     for slide in cfg.slides:
         out = Path(slide.registration).parent if slide.get("registration") else Path(cfg.out_dir) / "registration" / str(slide.id)
-        register_cfg = OmegaConf.merge(OmegaConf.create({"he_slide": slide.get("he_slide", "he/post_xenium_he.ome.tif")}), cfg.register)
-        reports[str(slide.id)] = register_bundle(slide.bundle, out, register_cfg)
+        reports[str(slide.id)] = register_bundle(slide.bundle, out, slide_register_config(cfg.register, slide))
         print(f"[register] {slide.id}: registration, report and overlay in {out}")
         truth = Path(slide.bundle) / "ground_truth_cells.parquet"
         if truth.is_file():
@@ -44,9 +58,6 @@ def run_register(cfg: DictConfig) -> dict:
 
 def _print_truth_error(truth_path: Path, registration: Registration, slide_id: str) -> None:
     """For simulated bundles: cell-level error against the planted map, and against one global fit."""
-    import numpy as np
-    import pandas as pd
-
     truth = pd.read_parquet(truth_path)
     xy_um = truth[["x_um", "y_um"]].to_numpy()
     true_px = truth[["he_x_px", "he_y_px"]].to_numpy()
@@ -66,13 +77,15 @@ def _print_truth_error(truth_path: Path, registration: Registration, slide_id: s
 
 
 def run_make_shards(command: str, cfg: DictConfig) -> dict | None:
+    """One ``make_shards.py`` command (one of :data:`SHARD_COMMANDS`) on a checked data config."""
+    if command not in SHARD_COMMANDS:
+        raise InputError(None, "command", "one of " + ", ".join(SHARD_COMMANDS), command)
+    cfg = apply_schema(DataConfig, cfg)
     if command == "register":
         return run_register(cfg)
     if command == "prepare":
         return pipeline.prepare(cfg)
     if command == "verify":
-        from .manifest import verify_shards
-
         result = verify_shards(cfg.out_dir)
         print(f"[verify] all {result['n_shards']} shards read back with tar and webdataset: {result['n_samples']:,} samples, keys and shapes as documented")
         return result

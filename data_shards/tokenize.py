@@ -35,8 +35,9 @@ import numpy as np
 import scipy.sparse as sp
 from tqdm import tqdm
 
-from .atomic import atomic_path
-from .errors import InputError
+from common.atomic import atomic_path
+from common.errors import InputError
+
 from .vocabulary import (  # re-exported: the contract names them in this module
     ASSAY_TOKENS,
     CLS,

@@ -26,13 +26,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
-from .atomic import atomic_path
-from .errors import InputError
+from common.atomic import atomic_path
+from common.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -140,12 +140,12 @@ class Vocabulary:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_genes(cls, ids: Iterable[str], symbols: Iterable[str | None] | None = None, source: str | None = None) -> "Vocabulary":
+    def from_genes(cls, ids: Iterable[str], symbols: Iterable[str | None] | None = None, source: str | None = None) -> Vocabulary:
         """Build a vocabulary from a panel: ``ids`` in token order, optional ``symbols`` beside them."""
         return cls(list(ids), None if symbols is None else list(symbols), source=source)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Vocabulary":
+    def from_file(cls, path: str | Path) -> Vocabulary:
         """Read a Nicheformer-style ``model.h5ad`` (var_names in token order) or a gene list.
 
         A gene list is one gene per line (symbol or Ensembl id), optionally with a second
@@ -160,7 +160,7 @@ class Vocabulary:
         return cls._from_text(path)
 
     @classmethod
-    def _from_h5ad(cls, path: Path) -> "Vocabulary":
+    def _from_h5ad(cls, path: Path) -> Vocabulary:
         import h5py
 
         try:
@@ -178,7 +178,7 @@ class Vocabulary:
         return cls(var.index.astype(str).tolist(), symbols, source=str(path))
 
     @classmethod
-    def _from_text(cls, path: Path) -> "Vocabulary":
+    def _from_text(cls, path: Path) -> Vocabulary:
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as exc:

@@ -12,9 +12,6 @@ neighbouring cells into one batch as hard negatives (PAST paper).
 """
 from __future__ import annotations
 
-import functools
-import io
-import json
 import os
 import struct
 from dataclasses import dataclass
@@ -23,23 +20,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .atomic import atomic_path
+from common.atomic import atomic_path
 
-SAMPLE_KEYS = ("jpg", "tokens.npy", "nbr_tokens.npy", "nbr_offsets.npy", "json")
 _TAR_BLOCK = 512
-
-
-@functools.lru_cache(maxsize=4096)
-def _npy_header(dtype: str, shape: tuple[int, ...]) -> bytes:
-    buffer = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buffer, {"descr": dtype, "fortran_order": False, "shape": shape})
-    return buffer.getvalue()
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    """The ``.npy`` file of a C-contiguous array (what ``np.save`` writes), with a cached header."""
-    array = np.ascontiguousarray(array)
-    return _npy_header(array.dtype.str, tuple(array.shape)) + array.tobytes()
 
 
 class TarSampleWriter:
@@ -97,31 +80,6 @@ class TarSampleWriter:
 
     def close(self) -> None:
         self.stream.write(b"\0" * (2 * _TAR_BLOCK))
-
-
-def encode_sample(
-    key: str,
-    jpg: bytes,
-    tokens: np.ndarray,
-    nbr_tokens: np.ndarray,
-    nbr_offsets_um: np.ndarray,
-    meta: dict,
-) -> dict:
-    """One shard sample as bytes per extension (the layout in DESIGN.md).
-
-    tokens (L,) int32; nbr_tokens (m, L) int32 and nbr_offsets_um (m, 2) float32 with m ≤ k real
-    neighbours, offsets = neighbour minus centre in µm along the H&E crop axes (x right, y down).
-    """
-    if "." in key:
-        raise ValueError(f"sample key {key!r} must not contain '.' (webdataset splits keys at dots)")
-    return {
-        "__key__": key,
-        "jpg": jpg,
-        "tokens.npy": _npy_bytes(np.ascontiguousarray(tokens, dtype=np.int32)),
-        "nbr_tokens.npy": _npy_bytes(np.ascontiguousarray(nbr_tokens, dtype=np.int32)),
-        "nbr_offsets.npy": _npy_bytes(np.ascontiguousarray(nbr_offsets_um, dtype=np.float32)),
-        "json": json.dumps(meta, separators=(",", ":"), allow_nan=False).encode("utf-8"),
-    }
 
 
 @dataclass

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from data_shards.errors import InputError
+from common.errors import InputError
 
 logger = logging.getLogger(__name__)
 

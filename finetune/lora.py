@@ -17,15 +17,16 @@ module does the same for any timm ViT:
 - :func:`merge_lora` folds the updates back into plain ``nn.Linear`` weights for export;
   :func:`lora_state_dict` / :func:`lora_parameters` give the adapter weights alone.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
-from data_shards.errors import InputError
+from common.errors import InputError
 
 PROJECTIONS = ("q", "k", "v")
 # Name of a Linear inside an attention block → which projections its output holds, in order.
@@ -33,8 +34,12 @@ PROJECTIONS = ("q", "k", "v")
 _LAYOUTS = {
     "qkv": ("q", "k", "v"),
     "kv": ("k", "v"),
-    "q_proj": ("q",), "k_proj": ("k",), "v_proj": ("v",),
-    "q": ("q",), "k": ("k",), "v": ("v",),
+    "q_proj": ("q",),
+    "k_proj": ("k",),
+    "v_proj": ("v",),
+    "q": ("q",),
+    "k": ("k",),
+    "v": ("v",),
 }
 
 
@@ -46,8 +51,14 @@ class LoRALinear(nn.Module):
     layer's parameters are frozen here, whatever they were.
     """
 
-    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 1.0,
-                 out_slices: Sequence[tuple[int, int]] | None = None, dropout: float = 0.0):
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int = 8,
+        alpha: float = 1.0,
+        out_slices: Sequence[tuple[int, int]] | None = None,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise InputError(None, "lora.base", "an nn.Linear to wrap", type(base).__name__)
@@ -67,9 +78,14 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         device, dtype = base.weight.device, base.weight.dtype
         self.lora_A = nn.ParameterList(
-            [nn.Parameter(torch.empty(self.rank, base.in_features, device=device, dtype=dtype)) for _ in self.out_slices])
+            [
+                nn.Parameter(torch.empty(self.rank, base.in_features, device=device, dtype=dtype))
+                for _ in self.out_slices
+            ]
+        )
         self.lora_B = nn.ParameterList(
-            [nn.Parameter(torch.zeros(b - a, self.rank, device=device, dtype=dtype)) for a, b in self.out_slices])
+            [nn.Parameter(torch.zeros(b - a, self.rank, device=device, dtype=dtype)) for a, b in self.out_slices]
+        )
         for a in self.lora_A:
             # The LoRA reference implementation's init (nn.Linear's default): Kaiming-uniform A,
             # zero B, so the wrapped layer starts as the base layer exactly.
@@ -114,8 +130,13 @@ class LoRALinear(nn.Module):
     def merged(self) -> nn.Linear:
         """A plain ``nn.Linear`` computing the same function (weights folded, no LoRA parameters)."""
         base = self.base
-        linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
-                           device=base.weight.device, dtype=base.weight.dtype)
+        linear = nn.Linear(
+            base.in_features,
+            base.out_features,
+            bias=base.bias is not None,
+            device=base.weight.device,
+            dtype=base.weight.dtype,
+        )
         with torch.no_grad():
             linear.weight.copy_(self.effective_weight())
             if base.bias is not None:
@@ -156,7 +177,9 @@ def _targets(targets: Iterable[str]) -> tuple[str, ...]:
     return chosen
 
 
-def _attention_linears(model: nn.Module, targets: tuple[str, ...]) -> list[tuple[str, nn.Linear, list[tuple[int, int]]]]:
+def _attention_linears(
+    model: nn.Module, targets: tuple[str, ...]
+) -> list[tuple[str, nn.Linear, list[tuple[int, int]]]]:
     """``(name, linear, out_slices)`` for each attention projection holding one of ``targets``.
 
     Only Linears inside a module whose name ends in ``attn``/``attention``/``self_attn`` count,
@@ -181,8 +204,9 @@ def _attention_linears(model: nn.Module, targets: tuple[str, ...]) -> list[tuple
     return found
 
 
-def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 1.0, targets: Sequence[str] = ("q", "v"),
-               dropout: float = 0.0) -> list[str]:
+def apply_lora(
+    model: nn.Module, rank: int = 8, alpha: float = 1.0, targets: Sequence[str] = ("q", "v"), dropout: float = 0.0
+) -> list[str]:
     """Wrap a timm ViT's attention projections with LoRA (in place); freeze everything else.
 
     Fused ``qkv`` Linears get one adapter per targeted third (q and v by default; k untouched);
@@ -193,11 +217,17 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 1.0, targets: Seq
     """
     targets = _targets(targets)
     if any(isinstance(m, LoRALinear) for m in model.modules()):
-        raise InputError(None, "model", "a model without LoRA adapters (apply_lora was already called)", "LoRALinear modules")
+        raise InputError(
+            None, "model", "a model without LoRA adapters (apply_lora was already called)", "LoRALinear modules"
+        )
     found = _attention_linears(model, targets)
     if not found:
-        raise InputError(None, "model", "a timm ViT with attention projections (attn.qkv, attn.q/v or q_proj/v_proj "
-                         "Linears) to adapt", type(model).__name__)
+        raise InputError(
+            None,
+            "model",
+            "a timm ViT with attention projections (attn.qkv, attn.q/v or q_proj/v_proj Linears) to adapt",
+            type(model).__name__,
+        )
     for p in model.parameters():
         p.requires_grad_(False)
     names = []
@@ -206,7 +236,11 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 1.0, targets: Seq
         # timm's EVA attention keeps q/v biases apart and, unless told otherwise, calls
         # F.linear(x, self.qkv.weight, ...) directly, which would bypass the wrapper; adding the
         # (unchanged) biases after the module call computes the same thing and keeps LoRA in the path.
-        if name.endswith("qkv") and getattr(parent, "q_bias", None) is not None and hasattr(parent, "qkv_bias_separate"):
+        if (
+            name.endswith("qkv")
+            and getattr(parent, "q_bias", None) is not None
+            and hasattr(parent, "qkv_bias_separate")
+        ):
             parent.qkv_bias_separate = True
         _set_module(model, name, LoRALinear(linear, rank=rank, alpha=alpha, out_slices=slices, dropout=dropout))
         names.append(name)
@@ -228,8 +262,11 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the adapter tensors, under their names in ``model.state_dict()`` (small, for checkpoints)."""
-    return {name: tensor for name, tensor in model.state_dict().items()
-            if ".lora_A." in name or ".lora_B." in name or name.startswith(("lora_A.", "lora_B."))}
+    return {
+        name: tensor
+        for name, tensor in model.state_dict().items()
+        if ".lora_A." in name or ".lora_B." in name or name.startswith(("lora_A.", "lora_B."))
+    }
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

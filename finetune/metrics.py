@@ -3,7 +3,7 @@
 Each metric wraps a well-kept library where one exists (scikit-survival for concordance,
 scikit-image for PSNR/SSIM and colour deconvolution, scipy for labelled statistics) and adds
 the input checks the rest of the project relies on: a bad input raises one
-`data_shards.errors.InputError` naming the field and what was expected.
+`common.errors.InputError` naming the field and what was expected.
 
 Units: survival times are in whatever unit the caller uses (days, months), the same for train
 and test; image arrays are in pixels, H×W or H×W×C; DAB and hematoxylin amounts are in
@@ -12,7 +12,7 @@ scikit-image's `rgb2hed` units (see `DEFAULT_DAB_THRESHOLDS`).
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import scipy.sparse
@@ -25,7 +25,7 @@ from skimage.segmentation import relabel_sequential, watershed
 from sksurv.metrics import concordance_index_censored, concordance_index_ipcw
 from sksurv.util import Surv
 
-from data_shards.errors import InputError
+from common.errors import InputError
 
 log = logging.getLogger(__name__)
 

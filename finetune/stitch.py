@@ -28,17 +28,19 @@ import math
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import tifffile
 from tqdm.auto import tqdm
 
-from data_shards.atomic import atomic_path
-from data_shards.errors import InputError
+from common.atomic import atomic_path
+from common.errors import InputError
 from data_shards.ome_tiff import TILE_PX, pyramid_shapes, tile_grid, write_pyramidal_ome_tiff
+from data_shards.qc import tissue_mask
+from data_shards.slide import Slide
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +201,7 @@ class _Scratch:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = None
 
-    def __enter__(self) -> "_Scratch":
+    def __enter__(self) -> _Scratch:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -509,8 +511,6 @@ def write_multichannel_ome_tiff(path: str | Path, array_hwc: np.ndarray, um_per_
 
 def _slide_tissue_mask(slide, level: int, thumbnail_max_side: int) -> tuple[np.ndarray, float]:
     """Tissue mask of the slide's thumbnail and its downsample relative to ``level`` pixels."""
-    from data_shards.qc import tissue_mask
-
     thumbnail, thumb_downsample = slide.thumbnail(thumbnail_max_side)  # downsample from level 0
     return tissue_mask(thumbnail), thumb_downsample / slide.downsample(level)
 
@@ -537,8 +537,6 @@ def predict_slide_to_ome_tiff(slide_path: str | Path, out_path: str | Path, pred
     for multi-channel).
     Returns a summary: tiles predicted / skipped, seconds, tiles/s, output path, shape, µm/px, levels.
     """
-    from data_shards.slide import Slide
-
     start = time.perf_counter()
     slide_path, out_path = Path(slide_path), Path(out_path)
     tile_px, overlap_px = _check_tiling(tile_px, overlap_px)

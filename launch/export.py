@@ -6,21 +6,21 @@
         --manifest /data/shards/manifest.json
 
 Writes image_encoder/ (timm-loadable safetensors + config.json), cell_encoder/ (weights, config,
-vocabulary, technology mean) and a README.md model card; see pretrain/export.py.
-Overrides (key=value) apply to the run config saved with the checkpoint (or to --config).
+vocabulary, technology mean) and a README.md model card; see pretrain/export/. Overrides (key=value)
+apply to the run config saved with the checkpoint (or to --config) and are checked against
+pretrain.config.PretrainConfig before anything is read or written.
 """
 import argparse
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_shards.logs import setup_logging  # noqa: E402
-from pretrain.export import export_checkpoint  # noqa: E402
+from common.cli import run_entry  # noqa: E402
+from pretrain.export import main as export_main  # noqa: E402
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="run folder, its checkpoints/ folder, or one tag folder")
     parser.add_argument("--out", required=True, help="export folder (replaced atomically if it exists)")
@@ -29,14 +29,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--manifest", default=None, help="shard manifest (default: the config's data.manifest)")
     parser.add_argument("--no-verify", action="store_true", help="skip reloading the export and comparing embeddings")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the run config")
-    return parser.parse_args(argv)
+    args = parser.parse_args()
+    return run_entry(lambda: export_main(
+        args.checkpoint, args.out, tag=args.tag, config=args.config, manifest=args.manifest,
+        overrides=args.overrides, verify=not args.no_verify,
+    ))
 
 
 if __name__ == "__main__":
-    args = parse_args(sys.argv[1:])
-    setup_logging(os.environ.get("LOG_LEVEL", "INFO"))
-    export_checkpoint(
-        args.checkpoint, args.out, tag=args.tag, config=args.config, manifest=args.manifest,
-        overrides=args.overrides, verify=not args.no_verify,
-    )
-    print(args.out)
+    sys.exit(main())

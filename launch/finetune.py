@@ -5,32 +5,27 @@
     python launch/finetune.py survival --config configs/finetune/survival_demo.yaml [key=value ...]
     python launch/finetune.py ihc      --config configs/finetune/ihc_demo.yaml      [key=value ...]
     python launch/finetune.py mif      --config configs/finetune/mif_demo.yaml      [key=value ...]
+
+Each task's settings are a typed schema (``finetune.tasks.TASKS``); unknown keys are refused.
 """
 import argparse
-import importlib
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_shards.config import load_config  # noqa: E402
-from data_shards.logs import setup_logging  # noqa: E402
-
-TASKS = {"embed": ("finetune.embed", "run_embed"), "genes": ("finetune.genes", "run_genes"),
-         "survival": ("finetune.survival", "run_survival"), "ihc": ("finetune.ihc", "run_ihc"),
-         "mif": ("finetune.mif", "run_mif")}
+from common.cli import run_entry  # noqa: E402
+from finetune.tasks import TASKS, run_task  # noqa: E402
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("task", choices=sorted(TASKS))
+    parser.add_argument("task", help="one of " + ", ".join(TASKS))
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_intermixed_args()
-    setup_logging()
-    module, function = TASKS[args.task]
-    getattr(importlib.import_module(module), function)(load_config(args.config, args.overrides))
+    return run_entry(lambda: run_task(args.task, args.config, args.overrides))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

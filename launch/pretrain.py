@@ -5,7 +5,8 @@
     deepspeed --hostfile launch/hostfile.example launch/pretrain.py --config configs/pretrain/past_vitl_8xa100.yaml
     sbatch launch/slurm/pretrain.sbatch configs/pretrain/vitl_throughput.yaml [key=value ...]  # SLURM cluster
 
-Overrides are OmegaConf dot-lists, e.g. ``resume=latest train.max_steps=100 out_dir=runs/x``.
+Overrides are OmegaConf dot-lists, e.g. ``resume=latest train.max_steps=100 out_dir=runs/x``; the
+settings are ``pretrain.config.PretrainConfig`` (unknown keys are refused before anything starts).
 """
 import argparse
 import sys
@@ -13,17 +14,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.train import main  # noqa: E402
+from common.cli import run_entry  # noqa: E402
+from pretrain.train import main as train_main  # noqa: E402
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="configs/pretrain/<name>.yaml")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher (LOCAL_RANK is used)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    return parser.parse_args(argv)
+    args = parser.parse_args()
+    return run_entry(lambda: train_main(args.config, args.overrides))
 
 
 if __name__ == "__main__":
-    args = parse_args(sys.argv[1:])
-    sys.exit(main(args.config, args.overrides))
+    sys.exit(main())

@@ -28,7 +28,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
-from data_shards.errors import InputError
+
+from common.errors import InputError
 
 _FLIP = np.array([[-1.0, 0.0], [0.0, 1.0]])  # x -> -x
 _QUARTER_TURN = np.array([[0.0, 1.0], [-1.0, 0.0]])  # (dx, dy) -> (dy, -dx), = np.rot90 k=1 on image[y, x]

@@ -22,13 +22,14 @@ import json
 import logging
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch.distributed as dist
 
-from data_shards.atomic import atomic_path, write_json
-from data_shards.errors import InputError
+from common.atomic import atomic_path, write_json
+from common.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -13,108 +13,16 @@ Batch dict (what ``pretrain.models`` consumes), B cells, N = total neighbours of
 """
 from __future__ import annotations
 
-import io
-import json
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from data_shards.errors import InputError
+from common.errors import InputError
+from data_shards.sample import decode_sample, jpeg_decoder
 
 from .augment import GREY_WEIGHTS, AugmentConfig, dihedral_image, dihedral_offsets, draw_colour, draw_dihedral
-from .shard_io import load_npy
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _jpeg_decoder(name: str) -> Callable[[bytes], np.ndarray]:
-    """bytes -> uint8 (H, W, 3). imagecodecs (libjpeg-turbo) measured fastest for 224 px crops."""
-    if name == "imagecodecs":
-        import imagecodecs
-
-        return imagecodecs.jpeg_decode
-    if name == "torchvision":
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        def decode(data: bytes) -> np.ndarray:
-            encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            return decode_jpeg(encoded, mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
-
-        return decode
-    if name == "pil":
-        from PIL import Image
-
-        return lambda data: np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    raise InputError(None, "decoder", "one of 'imagecodecs', 'torchvision', 'pil'", name)
-
-
-class DecodedSample(NamedTuple):
-    key: str
-    image: np.ndarray  # uint8 (H, W, 3), image[y, x]
-    tokens: np.ndarray  # int32 (L,)
-    nbr_tokens: np.ndarray  # int32 (m, L)
-    nbr_offsets_um: np.ndarray  # float32 (m, 2), (dx, dy) µm
-    meta: dict
-
-
-class CellArrays(NamedTuple):
-    tokens: np.ndarray  # int32 (L,)
-    nbr_tokens: np.ndarray  # int32 (m, L)
-    nbr_offsets_um: np.ndarray  # float32 (m, 2), (dx, dy) µm
-    meta: dict
-
-
-def decode_cell_arrays(raw: dict) -> CellArrays:
-    """The cell-tower members of a raw tar sample (tokens, neighbours, offsets, json), checked.
-
-    Shared by training (:func:`decode_sample`) and by cell embedding, which never decodes the crop.
-    Errors name the shard and member.
-    """
-    key = raw.get("__key__")
-    url = raw.get("__url__")
-    field = "tokens.npy"
-    try:
-        tokens = load_npy(raw["tokens.npy"])  # int32 (L,)
-        field = "nbr_tokens.npy"
-        nbr_tokens = load_npy(raw["nbr_tokens.npy"])  # int32 (m, L)
-        field = "nbr_offsets.npy"
-        nbr_offsets = load_npy(raw["nbr_offsets.npy"])  # float32 (m, 2) µm
-        field = "json"
-        meta = json.loads(raw["json"])
-    except KeyError as exc:
-        raise InputError(url, f"{key}.{field}", "a sample with jpg, tokens.npy, nbr_tokens.npy, nbr_offsets.npy, json",
-                         "missing") from exc
-    except Exception as exc:
-        raise InputError(url, f"{key}.{field}", "a decodable member", f"{type(exc).__name__}: {exc}") from exc
-    if nbr_tokens.size == 0 and nbr_offsets.size == 0:  # no neighbours, whatever the empty shape
-        nbr_tokens = np.zeros((0, tokens.shape[0]), dtype=np.int32)
-        nbr_offsets = np.zeros((0, 2), dtype=np.float32)
-    if tokens.ndim != 1 or nbr_tokens.ndim != 2 or nbr_tokens.shape[1] != tokens.shape[0]:
-        raise InputError(url, f"{key}.nbr_tokens.npy", f"(m, {tokens.shape[0]}) beside tokens (L,)", nbr_tokens.shape)
-    if nbr_offsets.shape != (nbr_tokens.shape[0], 2):
-        raise InputError(url, f"{key}.nbr_offsets.npy", f"({nbr_tokens.shape[0]}, 2) µm", nbr_offsets.shape)
-    return CellArrays(tokens, nbr_tokens, nbr_offsets, meta)
-
-
-def decode_sample(raw: dict, decode_jpeg: Callable[[bytes], np.ndarray]) -> DecodedSample:
-    """Raw tar sample (bytes per extension) -> checked arrays. Errors name the shard and member."""
-    key = raw.get("__key__")
-    url = raw.get("__url__")
-    try:
-        image = decode_jpeg(raw["jpg"])  # uint8 (H, W, 3)
-    except KeyError as exc:
-        raise InputError(url, f"{key}.jpg", "a sample with jpg, tokens.npy, nbr_tokens.npy, nbr_offsets.npy, json",
-                         "missing") from exc
-    except Exception as exc:
-        raise InputError(url, f"{key}.jpg", "a decodable member", f"{type(exc).__name__}: {exc}") from exc
-    if image.ndim == 2:  # greyscale JPEG
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise InputError(url, f"{key}.jpg", "an RGB image", f"shape {image.shape}")
-    cell = decode_cell_arrays(raw)
-    return DecodedSample(key, image, cell.tokens, cell.nbr_tokens, cell.nbr_offsets_um, cell.meta)
+from .models.image_encoder import IMAGENET_MEAN, IMAGENET_STD
 
 
 class BatchAssembler:
@@ -142,7 +50,7 @@ class BatchAssembler:
         self.jitter = augment if augment is not None and augment.any_colour else None
         self.dihedral_rng = dihedral_rng
         self.colour_rng = colour_rng
-        self.decode_jpeg = _jpeg_decoder(decoder)
+        self.decode_jpeg = jpeg_decoder(decoder)
         self.mean = np.asarray(image_mean, dtype=np.float64)
         self.std = np.asarray(image_std, dtype=np.float64)
         if self.mean.shape != (3,) or self.std.shape != (3,) or (self.std <= 0).any():

@@ -45,20 +45,21 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_shards.errors import InputError
+from common.errors import InputError
 from data_shards.manifest import load_manifest
+from data_shards.reader import tar_samples
 
 from .augment import AugmentConfig, parse_augment
-from .collate import IMAGENET_MEAN, IMAGENET_STD, BatchAssembler
-from .shard_io import tar_samples
+from .collate import BatchAssembler
+from .models.image_encoder import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +241,7 @@ class ShardStream(IterableDataset):
         return stream_seed(self.seed, self.epoch, purpose, self.rank, worker, pass_)
 
     def _shuffled(self, urls: Iterator[dict], worker: int, pass_: int) -> wds.DataPipeline:
-        stages = [lambda: urls, tar_samples]  # = wds.tarfile_to_samples(), several times faster (shard_io)
+        stages = [lambda: urls, tar_samples]  # = wds.tarfile_to_samples(), several times faster (data_shards.reader)
         if self.shuffle_buffer > 1:
             rng = random.Random(self._seed(_SAMPLE_BUFFER, worker, pass_))  # wds.shuffle calls rng.randint
             stages.append(wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng))

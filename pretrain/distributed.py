@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from data_shards.errors import InputError
+from common.errors import InputError
 
 
 def is_distributed(group: dist.ProcessGroup | None = None) -> bool:

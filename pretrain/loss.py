@@ -25,7 +25,7 @@ embeddings, which at random initialisation are nearly identical (all cosines ≈
 targets start almost uniform, and uniform logits are a fixed point of a cross-entropy against
 uniform targets: with a high learning rate the λ = 1 loss can collapse to ln(B) within a few
 steps and never leave. Ramping λ from 0 to 1 over the first epoch (`loss.target_mix` in
-pretrain.train) starts as CLIP, which pushes the pairs apart, and ends with the paper's
+pretrain.trainer) starts as CLIP, which pushes the pairs apart, and ends with the paper's
 objective once the embeddings are spread out (where the soft targets are informative).
 
 Targets are detached (treated as labels). BLEEP-style code lets gradients flow through them;
@@ -52,7 +52,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from data_shards.errors import InputError
+from common.errors import InputError
 from pretrain.distributed import (
     all_gather_no_grad,
     all_gather_with_grad,
@@ -102,7 +102,7 @@ class LearnableTemperature(nn.Module):
         return torch.exp(-logit_scale)
 
     @torch.no_grad()
-    def clamp_(self) -> "LearnableTemperature":
+    def clamp_(self) -> LearnableTemperature:
         """Clamp the stored logit_scale in place; call after every optimizer step."""
         self.logit_scale.clamp_(self.min_logit_scale, self.max_logit_scale)
         return self

@@ -7,15 +7,19 @@ then cosine. ``step`` counts optimizer steps already taken, so ``step = 0`` is t
     step ∈ [warmup, total]:   lr = final + (peak − final) · ½ (1 + cos(π · (step − warmup) / (total − warmup)))
     step > total:             lr = final
 
+The loss's target mix λ (``loss.target_mix``) follows its own linear ramp, :func:`target_mix_at`.
+
 The scheduler object derives the rate from the step alone (its state is the step), so a resumed
 run sets exactly the rate an uninterrupted run would have at that step.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
 
-from data_shards.errors import InputError
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from common.errors import InputError
 
 
 def warmup_cosine_lr(
@@ -50,16 +54,28 @@ def check_schedule(peak_lr: float, warmup_steps: int, total_steps: int, start_lr
         raise InputError(None, "train", "warm-up steps >= 0 and total steps >= 1", (warmup_steps, total_steps))
 
 
-class WarmupCosineSchedule:
-    """Sets the optimizer's learning rate from the optimizer step; DeepSpeed calls ``step()``.
+def target_mix_at(step: int, start: float, end: float, ramp_steps: int) -> float:
+    """λ for the loss at optimizer step ``step`` (0-based): linear from start to end over ramp_steps, then end."""
+    for name, value in (("start", start), ("end", end)):
+        if not 0.0 <= float(value) <= 1.0:
+            raise InputError(None, f"loss.target_mix.{name}", "a number in [0, 1]", value)
+    if ramp_steps <= 0 or step >= ramp_steps:
+        return float(end)
+    return float(start) + (float(end) - float(start)) * step / ramp_steps
 
-    Each parameter group may carry an ``lr_scale`` (default 1) multiplying the scheduled rate.
-    ``state_dict`` holds only the step: the hyper-parameters come from the run's config.
+
+class WarmupCosineSchedule(LambdaLR):
+    """torch's ``LambdaLR`` with the warm-up + cosine rate as its factor; DeepSpeed calls ``step()``.
+
+    ``LambdaLR`` sets each group's rate to (its base rate) × factor(step). Here the base rate of a
+    group is its ``lr_scale`` (default 1) and the factor is the scheduled rate itself, so a group
+    runs at ``lr_scale × warmup_cosine_lr(step)``. ``state_dict`` holds only the step: the
+    hyper-parameters come from the run's config, so a resumed run may change them.
     """
 
     def __init__(
         self,
-        optimizer: Any,
+        optimizer: Optimizer,
         *,
         peak_lr: float,
         warmup_steps: int,
@@ -69,14 +85,16 @@ class WarmupCosineSchedule:
         step: int = 0,
     ):
         check_schedule(peak_lr, warmup_steps, total_steps, start_lr, final_lr)
-        self.optimizer = optimizer
         self.peak_lr = peak_lr
         self.warmup_steps = int(warmup_steps)
         self.total_steps = int(total_steps)
         self.start_lr = start_lr
         self.final_lr = final_lr
-        self.last_step = int(step)
-        self._apply()
+        for group in optimizer.param_groups:
+            group["initial_lr"] = group.get("lr_scale", 1.0)  # LambdaLR's base rate of the group
+        super().__init__(optimizer, self.lr_at)  # sets the rates of step 0
+        if step:
+            self.set_step(step)
 
     def lr_at(self, step: int) -> float:
         return warmup_cosine_lr(
@@ -86,31 +104,19 @@ class WarmupCosineSchedule:
 
     @property
     def lr(self) -> float:
-        """The rate the next optimizer step will use."""
-        return self.lr_at(self.last_step)
-
-    def _apply(self) -> None:
-        lr = self.lr
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-
-    def step(self, *_: Any, **__: Any) -> None:
-        """One optimizer step was taken: move to the next step's rate."""
-        self.last_step += 1
-        self._apply()
+        """The rate the next optimizer step will use (for ``lr_scale`` 1)."""
+        return self.lr_at(self.last_epoch)
 
     def set_step(self, step: int) -> None:
-        self.last_step = int(step)
-        self._apply()
-
-    def get_last_lr(self) -> list[float]:
-        return [group["lr"] for group in self.optimizer.param_groups]
-
-    def get_lr(self) -> list[float]:
-        return self.get_last_lr()
+        """Jump to optimizer step ``step`` (a resume): the rates an uninterrupted run has there."""
+        self.last_epoch = int(step)
+        rate = self.lr_at(self.last_epoch)
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base_lr * rate  # the product LambdaLR.step computes
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def state_dict(self) -> dict:
-        return {"step": self.last_step}
+        return {"step": self.last_epoch}
 
     def load_state_dict(self, state: dict) -> None:
         self.set_step(int(state["step"]))

@@ -9,8 +9,8 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 import torch.distributed as dist

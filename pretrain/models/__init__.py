@@ -5,7 +5,7 @@ See ``pretrain.models.past`` for the batch dict, the outputs and the configurati
 from .cell_encoder import CellEncoder, real_token_mask
 from .fusion import AttentionFusion
 from .graph import BagNodeEncoder, EdgeFeatures, GraphBranch, build_neighbour_graph
-from .image_encoder import ImageEncoder, create_backbone, load_backbone_weights
+from .image_encoder import IMAGENET_MEAN, IMAGENET_STD, ImageTower, create_backbone, load_backbone_weights
 from .past import (
     DEFAULT_MODEL_CONFIG,
     PASTModel,
@@ -22,7 +22,9 @@ __all__ = [
     "DEFAULT_MODEL_CONFIG",
     "EdgeFeatures",
     "GraphBranch",
-    "ImageEncoder",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageTower",
     "PASTModel",
     "build_model",
     "build_neighbour_graph",

@@ -22,13 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from data_shards.errors import InputError
-
-PAD_ID = 1
-N_RESERVED_IDS = 30  # ids 0–29: mask, pad, cls, assay/modality/organism tokens
+from common.errors import InputError
+from data_shards.vocabulary import GENE_OFFSET, PAD  # Nicheformer ids: 1 pad; 0–29 reserved, genes from 30
 
 
-def real_token_mask(tokens: torch.Tensor, pad_id: int = PAD_ID) -> torch.Tensor:
+def real_token_mask(tokens: torch.Tensor, pad_id: int = PAD) -> torch.Tensor:
     """(N, L) tokens → (N, L) bool, True before each row's first pad."""
     return torch.cumsum(tokens == pad_id, dim=1) == 0
 
@@ -75,8 +73,8 @@ class CellEncoder(nn.Module):
         grad_checkpointing: bool = False,
     ):
         super().__init__()
-        if vocab_size <= N_RESERVED_IDS:
-            raise InputError(None, "model.cell.vocab_size", f"30 + number of genes (> {N_RESERVED_IDS})", vocab_size)
+        if vocab_size <= GENE_OFFSET:
+            raise InputError(None, "model.cell.vocab_size", f"30 + number of genes (> {GENE_OFFSET})", vocab_size)
         self.vocab_size = vocab_size
         self.dim = dim
         self.context_length = context_length

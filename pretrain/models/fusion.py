@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_shards.errors import InputError
+from common.errors import InputError
 
 
 class AttentionFusion(nn.Module):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch_geometric.nn import GATConv
 
-from data_shards.errors import InputError
+from common.errors import InputError
 
 from .cell_encoder import real_token_mask
 

@@ -1,4 +1,7 @@
-"""H&E crop encoder: any timm model by name, local weights, a projection head to the joint space.
+"""The PAST model's image tower at training time: any timm model by name, local weights, a projection head.
+
+(Inference on exported or any timm encoders, with normalisation and batching, is
+:class:`pretrain.export.ImageEncoder`.)
 
 The backbone is built with ``timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)``
 so its forward returns the globally pooled feature (B, num_features). For timm's ViTs the default
@@ -18,17 +21,21 @@ Projection head (``head``):
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import timm
 import torch
 from torch import nn
 
-from data_shards.errors import InputError
+from common.errors import InputError
 
 log = logging.getLogger(__name__)
 
+# Input normalisation of every image tower: RGB / 255, then (x - mean) / std per channel (ImageNet's).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 _RESERVED_KWARGS = ("pretrained", "num_classes", "pretrained_cfg_overlay", "checkpoint_path")
 
@@ -114,8 +121,8 @@ def make_projection_head(in_dim: int, out_dim: int, kind: str) -> nn.Module:
     raise InputError(None, "model.image.head", "'linear' or 'mlp'", kind)
 
 
-class ImageEncoder(nn.Module):
-    """timm backbone (pooled features, B × num_features) + projection head (B × proj_dim)."""
+class ImageTower(nn.Module):
+    """timm backbone (pooled features, B × num_features) + projection head (B × proj_dim), trained in PASTModel."""
 
     def __init__(
         self,

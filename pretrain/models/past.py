@@ -51,20 +51,22 @@ Configuration (``model.*``; defaults are the paper's values where the paper stat
 from __future__ import annotations
 
 import copy
+import difflib
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from data_shards.errors import InputError
+from common.errors import InputError
 
 from .cell_encoder import CellEncoder
 from .fusion import AttentionFusion, fusion_flops
 from .graph import GraphBranch, gat_flops, star_graph_edges
-from .image_encoder import ImageEncoder, create_backbone
+from .image_encoder import ImageTower, create_backbone
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +104,9 @@ def _merge(defaults: Mapping, given: Mapping, prefix: str) -> dict:
     for key, value in given.items():
         name = f"{prefix}.{key}"
         if key not in defaults:
-            raise InputError(None, name, f"one of the keys of {prefix}: {sorted(defaults)}", "an unknown key")
+            close = difflib.get_close_matches(str(key), list(defaults), n=1, cutoff=0.5)
+            hint = f"a known key (did you mean `{prefix}.{close[0]}`?); " if close else ""
+            raise InputError(None, name, f"{hint}one of the keys of {prefix}: {sorted(defaults)}", "an unknown key")
         if isinstance(defaults[key], Mapping) and name not in _FREE_FORM:
             if not isinstance(value, Mapping):
                 raise InputError(None, name, "a section (mapping)", value)
@@ -117,7 +121,7 @@ class PASTModel(nn.Module):
 
     def __init__(
         self,
-        image_encoder: ImageEncoder,
+        image_encoder: ImageTower,
         cell_encoder: CellEncoder,
         graph: GraphBranch | None,
         fusion: AttentionFusion | None,
@@ -220,7 +224,7 @@ def build_model(cfg: Mapping | DictConfig | None = None) -> PASTModel:
     """PASTModel from a config (full, or its ``model`` section); missing keys take the defaults."""
     mc = resolve_model_config(cfg)
     image, cell, graph = mc["image"], mc["cell"], mc["graph"]
-    image_encoder = ImageEncoder(
+    image_encoder = ImageTower(
         image["arch"], image["kwargs"], image["weights"], mc["proj_dim"], image["head"], mc["grad_checkpointing"]
     )
     cell_encoder = CellEncoder(

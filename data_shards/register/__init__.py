@@ -1,0 +1,46 @@
+"""Register Xenium coordinates (µm) to the post-Xenium H&E slide (level-0 pixels), as in PAST.
+
+- :mod:`.fit`: Kabsch / Umeyama least-squares fits and 3x3 homogeneous transforms;
+- :mod:`.explorer`: Xenium Explorer's keypoints and image-alignment exports;
+- :mod:`.registration`: :class:`Registration`, one transform per keypoint region (save / load),
+  and its quality numbers (residuals, leave-one-out errors in µm, bounds);
+- :mod:`.report`: the console table of those numbers and the overlay PNG;
+- :mod:`.run`: :func:`register_bundle`, the step ``launch/make_shards.py register`` runs per slide.
+
+Imports go one way: fit <- explorer <- registration <- report <- run.
+"""
+from .explorer import KEYPOINT_COLUMNS, XENIUM_PIXEL_SIZE_UM, read_explorer_alignment, read_explorer_keypoints
+from .fit import (
+    RegistrationError,
+    apply_transform,
+    check_alignment_matrix,
+    check_pairs,
+    fit_transform,
+    fit_um_to_px,
+    linear_scale,
+)
+from .registration import Region, Registration, check_report, leave_one_out_um, quality_report
+from .report import format_table, write_overlay
+from .run import register_bundle
+
+__all__ = [
+    "KEYPOINT_COLUMNS",
+    "XENIUM_PIXEL_SIZE_UM",
+    "Region",
+    "Registration",
+    "RegistrationError",
+    "apply_transform",
+    "check_alignment_matrix",
+    "check_pairs",
+    "check_report",
+    "fit_transform",
+    "fit_um_to_px",
+    "format_table",
+    "leave_one_out_um",
+    "linear_scale",
+    "quality_report",
+    "read_explorer_alignment",
+    "read_explorer_keypoints",
+    "register_bundle",
+    "write_overlay",
+]
