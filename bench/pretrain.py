@@ -18,6 +18,7 @@ model: one process; each step split into data wait (incl. the host → device co
        bf16 = autocast over fp32 master weights (DeepSpeed's bf16 also keeps fp32 masters). FLOPs from
        ``pretrain.models.estimate_flops_per_sample``: train = 3 × forward, recomputation not counted (MFU).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -102,15 +103,17 @@ def stage_split(manifest_path: str, n: int, batch: int) -> dict[str, float]:
         "tar read": lambda: list(itertools.islice(tar_samples(urls), n)),
         "JPEG decode (imagecodecs)": lambda: [decode(r["jpg"]) for r in raws],
         "decode_sample (JPEG + .npy + json)": lambda: [decode_sample(r, decode) for r in raws],
-        "augment + normalise": lambda: [on._write_image(slot, d.image, *draw_dihedral(rng, on.augment))
-                                        for d in decoded],
-        "BatchAssembler (all but tar read)": lambda: [on(raws[i:i + batch]) for i in range(0, n, batch)],
+        "augment + normalise": lambda: [
+            on._write_image(slot, d.image, *draw_dihedral(rng, on.augment)) for d in decoded
+        ],
+        "BatchAssembler (all but tar read)": lambda: [on(raws[i : i + batch]) for i in range(0, n, batch)],
         "(normalise only, augment off)": lambda: [off._write_image(slot, d.image, 0, 0) for d in decoded],
         "(JPEG decode, torchvision)": lambda: [torchvision_decode(r["jpg"]) for r in raws],
     }
     ms = {name: 1000 * best_of(fn) / n for name, fn in seconds.items()}
     ms["collate = assembler - decode - augment"] = (
-        ms["BatchAssembler (all but tar read)"] - ms["decode_sample (JPEG + .npy + json)"] - ms["augment + normalise"])
+        ms["BatchAssembler (all but tar read)"] - ms["decode_sample (JPEG + .npy + json)"] - ms["augment + normalise"]
+    )
     ms["total = tar read + assembler"] = ms["tar read"] + ms["BatchAssembler (all but tar read)"]
     return ms
 
@@ -125,9 +128,11 @@ def data_part(args) -> list[str]:
     print(f"  stage split, ms per sample (first {args.split_samples} samples, best of 3):")
     for name, value in split.items():
         print(f"    {name:40s} {value:6.3f}")
-    return [f"data pipeline, batch {batch}, num_workers {args.workers}: {rates[True] / per:,.0f} samples/s per worker "
-            f"process with augmentation, {rates[False] / per:,.0f} without (target ≥ 1,500)",
-            "data stage split (ms per sample): " + ", ".join(f"{k} {v:.3f}" for k, v in split.items())]
+    return [
+        f"data pipeline, batch {batch}, num_workers {args.workers}: {rates[True] / per:,.0f} samples/s per worker "
+        f"process with augmentation, {rates[False] / per:,.0f} without (target ≥ 1,500)",
+        "data stage split (ms per sample): " + ", ".join(f"{k} {v:.3f}" for k, v in split.items()),
+    ]
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -159,10 +164,16 @@ def synthetic_batches(batch: int, model_cfg: dict, image_px: int, real_tokens: i
 
     radius_um = 50.0 * torch.rand(batch * k, generator=gen).sqrt()  # uniform in a 50 µm disc
     angle = 2 * torch.pi * torch.rand(batch * k, generator=gen)
-    pool = [{"image": torch.randn(batch, 3, image_px, image_px, generator=gen),  # (B, 3, H, W)
-             "tokens": tokens(batch), "nbr_tokens": tokens(batch * k),  # (B, L), (B·k, L)
-             "nbr_offsets_um": torch.stack([radius_um * angle.cos(), radius_um * angle.sin()], 1),  # (B·k, 2) µm
-             "nbr_batch": torch.arange(batch).repeat_interleave(k)} for _ in range(2)]  # (B·k,)
+    pool = [
+        {
+            "image": torch.randn(batch, 3, image_px, image_px, generator=gen),  # (B, 3, H, W)
+            "tokens": tokens(batch),
+            "nbr_tokens": tokens(batch * k),  # (B, L), (B·k, L)
+            "nbr_offsets_um": torch.stack([radius_um * angle.cos(), radius_um * angle.sin()], 1),  # (B·k, 2) µm
+            "nbr_batch": torch.arange(batch).repeat_interleave(k),
+        }
+        for _ in range(2)
+    ]  # (B·k,)
     return itertools.cycle([{key: v.pin_memory() for key, v in b.items()} for b in pool] if pin else pool)
 
 
@@ -212,26 +223,43 @@ def model_part(args, device: torch.device) -> list[str]:
     torch.manual_seed(0)
     temperature = {f"{key}_temperature": value for key, value in cfg.train.temperature.items()}
     module = PASTTrainingModule(build_model(model_cfg), LearnableTemperature(**temperature)).to(device).train()
-    optimizer = torch.optim.AdamW(parameter_groups(module, float(cfg.train.weight_decay)), lr=1e-5,
-                                  betas=tuple(cfg.train.betas), eps=float(cfg.train.eps))
+    optimizer = torch.optim.AdamW(
+        parameter_groups(module, float(cfg.train.weight_decay)),
+        lr=1e-5,
+        betas=tuple(cfg.train.betas),
+        eps=float(cfg.train.eps),
+    )
     if args.inputs == "shards":
-        batches = iter(make_loader(args.manifest, batch, rank=0, world_size=1, num_workers=args.workers, resample=True,
-                                   steps_per_epoch=10**6, pin_memory=device.type == "cuda")[0])
+        batches = iter(
+            make_loader(
+                args.manifest,
+                batch,
+                rank=0,
+                world_size=1,
+                num_workers=args.workers,
+                resample=True,
+                steps_per_epoch=10**6,
+                pin_memory=device.type == "cuda",
+            )[0]
+        )
     else:
         image_px = int(getattr(module.model.image_encoder.backbone.patch_embed, "img_size", (224,))[0])
         real = args.real_tokens or model_cfg["cell"]["context_length"]
         batches = synthetic_batches(batch, model_cfg, image_px, real, k, pin=device.type == "cuda")
-    phases, seq_len = train_steps(module, optimizer, batches, args.steps, args.warmup, device, args.precision,
-                                  float(cfg.train.grad_clip or 0.0))
+    phases, seq_len = train_steps(
+        module, optimizer, batches, args.steps, args.warmup, device, args.precision, float(cfg.train.grad_clip or 0.0)
+    )
     step_s = sum(phases.values())
     rate = batch / step_s
     flops = estimate_flops_per_sample(model_cfg, n_neighbours=k, seq_len=round(seq_len))["train"]
     tflops = rate * flops / 1e12
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    print(f"\nmodel step ({args.config}; vocabulary/context from {args.manifest if manifest else 'defaults'}; "
-          f"{sum(p.numel() for p in module.parameters()) / 1e6:.1f}M parameters; {device.type} {args.precision}"
-          f"{threads}; batch {batch}, {args.inputs} inputs, {k} neighbours/cell, longest real row {seq_len:.0f} "
-          f"tokens; median of {args.steps} steps after {args.warmup} warm-up)")
+    print(
+        f"\nmodel step ({args.config}; vocabulary/context from {args.manifest if manifest else 'defaults'}; "
+        f"{sum(p.numel() for p in module.parameters()) / 1e6:.1f}M parameters; {device.type} {args.precision}"
+        f"{threads}; batch {batch}, {args.inputs} inputs, {k} neighbours/cell, longest real row {seq_len:.0f} "
+        f"tokens; median of {args.steps} steps after {args.warmup} warm-up)"
+    )
     for name, seconds in phases.items():
         print(f"  {name:15s} {1000 * seconds:9.1f} ms  {100 * seconds / step_s:5.1f} %")
     print(f"  {'step':15s} {1000 * step_s:9.1f} ms   -> {rate:,.1f} samples/s (one process: no gather, no all-reduce)")
@@ -242,10 +270,13 @@ def model_part(args, device: torch.device) -> list[str]:
         line += f", MFU {100 * tflops / peak:.1f} % of {peak:g} TFLOP/s" if peak else ", MFU: pass --peak-tflops"
         line += f"; peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
     print(f"  {line}")
-    return [f"model step, {Path(args.config).name}, {device.type} {args.precision}{threads}, batch {batch}, "
-            f"{args.inputs} inputs (longest real row {seq_len:.0f} tokens): {rate:,.1f} samples/s per "
-            f"{'GPU' if device.type == 'cuda' else 'process'}; ms per step "
-            + ", ".join(f"{name} {1000 * seconds:.1f}" for name, seconds in phases.items()) + f"; {line}"]
+    return [
+        f"model step, {Path(args.config).name}, {device.type} {args.precision}{threads}, batch {batch}, "
+        f"{args.inputs} inputs (longest real row {seq_len:.0f} tokens): {rate:,.1f} samples/s per "
+        f"{'GPU' if device.type == 'cuda' else 'process'}; ms per step "
+        + ", ".join(f"{name} {1000 * seconds:.1f}" for name, seconds in phases.items())
+        + f"; {line}"
+    ]
 
 
 def deepspeed_part(run_dir: Path) -> list[str]:
@@ -260,10 +291,12 @@ def deepspeed_part(run_dir: Path) -> list[str]:
         return float(np.mean(values[1:] or values))
 
     per_rank = [mean(t) for t in sorted(events.Tags()["scalars"]) if t.startswith("throughput_per_rank/")]
-    line = (f"DeepSpeed run {run_dir} ({len(per_rank)} ranks, {len(events.Scalars('time/step_s'))} logged steps): "
-            f"{mean('throughput/samples_per_s'):,.1f} samples/s total, per rank "
-            + " / ".join(f"{v:,.1f}" for v in per_rank)
-            + f"; step {1000 * mean('time/step_s'):.1f} ms, data wait {100 * mean('time/data_wait_fraction'):.1f} %")
+    line = (
+        f"DeepSpeed run {run_dir} ({len(per_rank)} ranks, {len(events.Scalars('time/step_s'))} logged steps): "
+        f"{mean('throughput/samples_per_s'):,.1f} samples/s total, per rank "
+        + " / ".join(f"{v:,.1f}" for v in per_rank)
+        + f"; step {1000 * mean('time/step_s'):.1f} ms, data wait {100 * mean('time/data_wait_fraction'):.1f} %"
+    )
     if (run_dir / "final_metrics.json").is_file():
         wall = json.loads((run_dir / "final_metrics.json").read_text())
         line += f"; whole run incl. start-up and checkpoints {wall['samples_per_s']:,.1f} samples/s"

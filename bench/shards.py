@@ -8,6 +8,7 @@ reading + cropping the slide, JPEG encoding, assembling samples, spilling and wr
 Then times the naive crop route (one slide read per cell) on ``--naive-cells`` cells so the gain
 of the block route is visible. ``--record`` appends the figures to bench/RESULTS.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,13 +79,17 @@ def main() -> None:
     bundle = out / f"bundle_{args.cells}"
     bundle_s = ensure_bundle(bundle, args.cells)
 
-    cfg = OmegaConf.create({
-        "out_dir": str(out / "shards"),
-        "slides": [{"id": "bench", "bundle": str(bundle), "registration": str(out / "registration" / "registration.json")}],
-        "register": {"n_regions": 1},
-        "shards": {"samples_per_shard": 5000},
-        "progress": False,
-    })
+    cfg = OmegaConf.create(
+        {
+            "out_dir": str(out / "shards"),
+            "slides": [
+                {"id": "bench", "bundle": str(bundle), "registration": str(out / "registration" / "registration.json")}
+            ],
+            "register": {"n_regions": 1},
+            "shards": {"samples_per_shard": 5000},
+            "progress": False,
+        }
+    )
     run_register(cfg)
     for old in (out / "shards").glob("bench/slide_manifest.json"):
         old.unlink()  # force a fresh run
@@ -98,8 +103,9 @@ def main() -> None:
     naive = naive_rate(bundle, out / "registration" / "registration.json", args.naive_cells)
 
     lines = [
-        f"cells sharded: {n:,} (procedural slide, {args.cells:,} cells; bundle made in {bundle_s:.0f} s)" if bundle_s else
-        f"cells sharded: {n:,} (procedural slide, {args.cells:,} cells)",
+        f"cells sharded: {n:,} (procedural slide, {args.cells:,} cells; bundle made in {bundle_s:.0f} s)"
+        if bundle_s
+        else f"cells sharded: {n:,} (procedural slide, {args.cells:,} cells)",
         f"end to end, one process: {n / slide_s:,.0f} cells/s ({slide_s:.1f} s for the slide; {wall:.1f} s with vocabulary/tech-mean preparation)",
         f"naive route (one slide read per cell + JPEG encode): {naive:,.0f} cells/s",
         "time split (s): " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()),

@@ -7,6 +7,7 @@ weighted accumulation, normalisation) in RAM and with memory-mapped accumulators
 demo slide end to end to a pyramidal OME-TIFF when `make demo` has made it. A real head's
 predictor adds its own time on top. ``--record`` appends the figures to bench/RESULTS.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,13 +33,25 @@ def identity(batch: np.ndarray) -> np.ndarray:
     return batch.astype(np.float32)
 
 
-def in_memory_rate(image: np.ndarray, tile_px: int, overlap_px: int, batch_size: int, memmap: bool) -> tuple[float, float]:
+def in_memory_rate(
+    image: np.ndarray, tile_px: int, overlap_px: int, batch_size: int, memmap: bool
+) -> tuple[float, float]:
     """(tiles/s, max abs error against the input) for one stitched pass over ``image``."""
     n_tiles = len(plan_tiles(image.shape[:2], tile_px, overlap_px))
     with tempfile.TemporaryDirectory() as scratch:
         started = time.perf_counter()
-        out = stitch_predict(array_tile_reader(image), identity, image.shape[:2], 3, tile_px, overlap_px, batch_size,
-                             progress=False, accumulator_dir=scratch, memmap_above_values=0 if memmap else 2**62)
+        out = stitch_predict(
+            array_tile_reader(image),
+            identity,
+            image.shape[:2],
+            3,
+            tile_px,
+            overlap_px,
+            batch_size,
+            progress=False,
+            accumulator_dir=scratch,
+            memmap_above_values=0 if memmap else 2**62,
+        )
         seconds = time.perf_counter() - started
         error = float(np.abs(out - image).max())
         del out
@@ -59,16 +72,26 @@ def main() -> None:
     for memmap in (False, True):
         rate, error = in_memory_rate(image, args.tile_px, args.overlap_px, args.batch_size, memmap)
         where = "memory-mapped accumulators" if memmap else "accumulators in RAM"
-        lines.append(f"{args.side_px}×{args.side_px} px random image, {args.tile_px} px tiles, {args.overlap_px} px "
-                     f"overlap, {where}: {rate:,.0f} tiles/s (identity model; max error {error:.1e})")
+        lines.append(
+            f"{args.side_px}×{args.side_px} px random image, {args.tile_px} px tiles, {args.overlap_px} px "
+            f"overlap, {where}: {rate:,.0f} tiles/s (identity model; max error {error:.1e})"
+        )
     if DEMO_SLIDE.is_file():
         with tempfile.TemporaryDirectory() as scratch:
-            summary = predict_slide_to_ome_tiff(DEMO_SLIDE, Path(scratch) / "out.ome.tif", identity,
-                                                tile_px=args.tile_px, overlap_px=args.overlap_px,
-                                                batch_size=args.batch_size, progress=False)
-        lines.append(f"demo slide {summary['shape_hw'][1]}×{summary['shape_hw'][0]} px → pyramidal OME-TIFF: "
-                     f"{summary['tiles_predicted']} tiles predicted, {summary['tiles_skipped']} skipped (no tissue), "
-                     f"{summary['seconds']:.1f} s end to end incl. tissue mask and JPEG pyramid")
+            summary = predict_slide_to_ome_tiff(
+                DEMO_SLIDE,
+                Path(scratch) / "out.ome.tif",
+                identity,
+                tile_px=args.tile_px,
+                overlap_px=args.overlap_px,
+                batch_size=args.batch_size,
+                progress=False,
+            )
+        lines.append(
+            f"demo slide {summary['shape_hw'][1]}×{summary['shape_hw'][0]} px → pyramidal OME-TIFF: "
+            f"{summary['tiles_predicted']} tiles predicted, {summary['tiles_skipped']} skipped (no tissue), "
+            f"{summary['seconds']:.1f} s end to end incl. tissue mask and JPEG pyramid"
+        )
     else:
         lines.append(f"demo slide not found ({DEMO_SLIDE}; run make demo): end-to-end figure skipped")
     for line in lines:

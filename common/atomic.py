@@ -3,6 +3,7 @@
 Readers only ever see complete outputs because the final name appears in a single
 ``os.replace`` on the same filesystem.
 """
+
 from __future__ import annotations
 
 import contextlib

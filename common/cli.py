@@ -4,6 +4,7 @@ A user who mistypes a setting or points at a wrong file should read one line nam
 the key and what was expected, not a 20-line traceback; the exit code is 2 (usage error) so
 job schedulers and ``make`` stop.
 """
+
 from __future__ import annotations
 
 import os

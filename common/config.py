@@ -15,6 +15,7 @@ Sections typed ``dict[str, Any]`` (or ``Any``) stay open: their keys belong to s
 The result is a plain (non-struct) ``DictConfig`` with every default filled in and values
 converted to their declared types, so the code that reads it can use ``cfg.section.key``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,8 +33,9 @@ from .atomic import atomic_path
 from .errors import InputError
 
 
-def load_config(path: str | Path | None, overrides: Sequence[str] = (), schema: type | None = None,
-                defaults: dict | None = None) -> DictConfig:
+def load_config(
+    path: str | Path | None, overrides: Sequence[str] = (), schema: type | None = None, defaults: dict | None = None
+) -> DictConfig:
     """Merge the schema's defaults < YAML file < dot-list overrides, check against ``schema``, resolve.
 
     ``defaults`` (an untyped dict merged first, nothing checked) is the route being retired: pass a schema.
@@ -86,8 +88,9 @@ def apply_schema(schema: type, cfg: Mapping | DictConfig | None, source: str | P
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or None
         expected = _field_type_name(schema, key) if key else None
-        raise InputError(source, key, f"a value of type {expected}" if expected else "a valid value",
-                         _first_line(exc)) from exc
+        raise InputError(
+            source, key, f"a value of type {expected}" if expected else "a valid value", _first_line(exc)
+        ) from exc
     # Plain containers from here on: the checks are done, and stages may add derived keys.
     return OmegaConf.create(OmegaConf.to_container(merged, resolve=False))
 
@@ -102,8 +105,12 @@ def check_keys(schema: type, cfg: Any, source: str | Path | None = None, prefix:
     for key in keys:
         full = f"{prefix}{key}"
         if key not in names:
-            raise InputError(source, full, f"one of the keys {prefix.rstrip('.') or 'the top level'} defines "
-                             f"({', '.join(names)})", _unknown_key_found(schema, prefix, names, str(key)))
+            raise InputError(
+                source,
+                full,
+                f"one of the keys {prefix.rstrip('.') or 'the top level'} defines ({', '.join(names)})",
+                _unknown_key_found(schema, prefix, names, str(key)),
+            )
         value = cfg[key] if not isinstance(cfg, DictConfig) else cfg._get_node(key)
         annotation = hints[key]
         section = _dataclass_of(annotation)

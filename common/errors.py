@@ -3,6 +3,7 @@
 A user who points the pipeline at a wrong file should read, in one line, which file, which
 field inside it, and what was expected instead of what was found.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -49,7 +50,9 @@ def finite_points(xy, path: str | Path | None, field: str):
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
         raise InputError(
-            path, field, "finite coordinates for every cell",
+            path,
+            field,
+            "finite coordinates for every cell",
             f"{int(bad.sum())} cells with NaN/inf, first at row {first}: {points[first].tolist()}",
         )
     return points

@@ -1,4 +1,5 @@
 """Logging set-up shared by the entry scripts: one format, rank-aware."""
+
 from __future__ import annotations
 
 import logging

@@ -41,6 +41,7 @@ Cells whose crop leaves the slide are padded with white (255, like bare glass) o
 slide edge also reaches a few white pixels past it.) A tile that cannot be decoded skips the cells whose windows touch
 it (counted as unreadable, logged once per block) or raises (``on_read_error``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -404,7 +405,10 @@ class CropReader:
                 self.stats.n_skipped_unreadable += n_bad
                 log.warning(
                     "%s: %d cells of block (band %d, column %d) skipped: their windows touch an unreadable tile",
-                    self.slide.path.name, n_bad, band, col,
+                    self.slide.path.name,
+                    n_bad,
+                    band,
+                    col,
                 )
             cy0, cx0 = y0 - carry_h, x0 - carry_w
             if self.resample and not unreadable.all():

@@ -4,6 +4,7 @@ Each slide writes ``<slide>/slide_manifest.json`` when (and only when) all of it
 place; ``manifest.json`` at the top is built from those, so a crashed or still-running slide is
 never listed. The merge step works the same on one machine and after a SLURM array job.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -40,8 +41,10 @@ def merge_manifests(shard_dir: str | Path, vocabulary: dict, config: dict, tech_
     for slide in slides:
         if slide["vocabulary_sha256"] != vocabulary["sha256"]:
             raise InputError(
-                shard_dir / slide["slide"] / SLIDE_MANIFEST_NAME, "vocabulary_sha256",
-                f"the shared vocabulary {vocabulary['sha256'][:12]}", slide["vocabulary_sha256"][:12],
+                shard_dir / slide["slide"] / SLIDE_MANIFEST_NAME,
+                "vocabulary_sha256",
+                f"the shared vocabulary {vocabulary['sha256'][:12]}",
+                slide["vocabulary_sha256"][:12],
             )
     shards = [
         {"path": f"{slide['slide']}/{shard['path']}", "n_samples": shard["n_samples"], "slide": slide["slide"]}
@@ -65,8 +68,9 @@ def merge_manifests(shard_dir: str | Path, vocabulary: dict, config: dict, tech_
     return manifest
 
 
-def load_manifest(path: str | Path, require_shards: bool = True,
-                  expected: str = "a shard manifest written by make_shards") -> dict:
+def load_manifest(
+    path: str | Path, require_shards: bool = True, expected: str = "a shard manifest written by make_shards"
+) -> dict:
     """Read a manifest (the file, or the folder holding it); ``root`` is added (the folder holding it).
 
     ``require_shards=False`` is for readers that need only what the manifest records (an export
@@ -82,7 +86,9 @@ def load_manifest(path: str | Path, require_shards: bool = True,
     vocab = manifest.get("vocabulary") or {}
     missing_vocab = [key for key in ("path", "sha256", "size") if key not in vocab]
     if missing_vocab:
-        raise InputError(path, "vocabulary", "path, sha256 and size of the shards' vocabulary", f"missing {missing_vocab}")
+        raise InputError(
+            path, "vocabulary", "path, sha256 and size of the shards' vocabulary", f"missing {missing_vocab}"
+        )
     if require_shards:
         missing = [s["path"] for s in manifest["shards"] if not (path.parent / s["path"]).is_file()]
         if missing:

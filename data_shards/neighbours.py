@@ -15,6 +15,7 @@ What a shard sample stores: only the real neighbours, m = counts[i] <= k rows:
 No padding rows: the GAT builds its graph from the neighbours that are present, and an isolated
 cell has m = 0 (arrays of shape (0, L) and (0, 2)). ``neighbour_sample`` cuts one cell's arrays.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -59,7 +60,9 @@ def find_neighbours(
     n = len(xy)
     if n == 0:
         return Neighbours(
-            np.empty((0, k), np.int64), np.empty((0, k, 2), np.float32), np.empty((0, k), np.float32),
+            np.empty((0, k), np.int64),
+            np.empty((0, k, 2), np.float32),
+            np.empty((0, k), np.float32),
             np.empty(0, np.int64),
         )
 

@@ -5,6 +5,7 @@ level 0 in the first IFD with OME ``PhysicalSizeX/Y`` in µm, each coarser level
 2) in a SubIFD marked ``subfiletype=1``. Pixels arrive as an iterator of tiles per level, so a
 slide larger than memory is never held whole.
 """
+
 from __future__ import annotations
 
 import logging
@@ -77,8 +78,10 @@ def write_pyramidal_ome_tiff(
         compressionargs={"level": int(quality)},
         resolutionunit="CENTIMETER",
     )
-    with atomic_path(path) as tmp, tqdm(total=n_tiles, desc="H&E tiles", unit="tile", leave=False,
-                                  disable=not progress) as bar:
+    with (
+        atomic_path(path) as tmp,
+        tqdm(total=n_tiles, desc="H&E tiles", unit="tile", leave=False, disable=not progress) as bar,
+    ):
 
         def counted(level: int, shape: tuple[int, int]) -> Iterator[np.ndarray]:
             for tile in tiles_for_level(level, shape):

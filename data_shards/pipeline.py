@@ -16,6 +16,7 @@ Config: :class:`data_shards.schema.DataConfig` (every key, its default and what 
     matrix / min_qv: how counts are read (see data_shards.xenium.read_xenium)
     tokens, neighbours, crop, qc, shards, register: see the schema
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -54,7 +55,9 @@ log = logging.getLogger(__name__)
 def _input_fingerprint(slide: dict) -> list:
     """Size and modification time of the slide's input files: a rewritten bundle is sharded again."""
     bundle = Path(slide["bundle"])
-    paths = [bundle / name for name in ("cells.parquet", "cells.csv.gz", "cell_feature_matrix.h5", "transcripts.parquet")]
+    paths = [
+        bundle / name for name in ("cells.parquet", "cells.csv.gz", "cell_feature_matrix.h5", "transcripts.parquet")
+    ]
     paths.append(bundle / slide.get("he_slide", "he/post_xenium_he.ome.tif"))
     if slide.get("registration"):
         paths.append(Path(slide["registration"]))
@@ -64,7 +67,9 @@ def _input_fingerprint(slide: dict) -> list:
 def slide_config_hash(cfg: DictConfig, slide: DictConfig, vocab_sha: str) -> str:
     """What decides a slide's samples: re-running with the same hash may skip the slide."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    relevant = {k: resolved.get(k) for k in ("matrix", "min_qv", "tokens", "neighbours", "crop", "qc", "shards", "register")}
+    relevant = {
+        k: resolved.get(k) for k in ("matrix", "min_qv", "tokens", "neighbours", "crop", "qc", "shards", "register")
+    }
     relevant["slide"] = OmegaConf.to_container(slide, resolve=True) if isinstance(slide, DictConfig) else slide
     relevant["inputs"] = _input_fingerprint(relevant["slide"])
     relevant["vocab_sha256"] = vocab_sha
@@ -91,7 +96,12 @@ def _check_slide_entry(slide: DictConfig, index: int) -> None:
         if not slide.get(key):
             raise InputError(None, f"slides[{index}].{key}", "a value", None)
     if any(c in str(slide.id) for c in "./\\ "):
-        raise InputError(None, f"slides[{index}].id", "a slide id without '.', '/', '\\' or spaces (it names files and sample keys)", slide.id)
+        raise InputError(
+            None,
+            f"slides[{index}].id",
+            "a slide id without '.', '/', '\\' or spaces (it names files and sample keys)",
+            slide.id,
+        )
 
 
 def _registration_for(slide: DictConfig, cfg: DictConfig, bundle: Path, stage_dir: Path) -> tuple[Registration, dict]:
@@ -99,7 +109,12 @@ def _registration_for(slide: DictConfig, cfg: DictConfig, bundle: Path, stage_di
     if slide.get("registration"):
         path = Path(slide.registration)
         if not path.is_file():
-            raise InputError(path, f"slides[{slide.id}].registration", "a registration saved by `make_shards.py register`", "no such file")
+            raise InputError(
+                path,
+                f"slides[{slide.id}].registration",
+                "a registration saved by `make_shards.py register`",
+                "no such file",
+            )
         registration = Registration.from_json(path)
         report_path = path.with_name("registration_report.json")
         report = json.loads(report_path.read_text()) if report_path.is_file() else {}
@@ -121,8 +136,18 @@ def _qc(adata, he_px: np.ndarray, slide_image: Slide, qc_cfg: DictConfig) -> Any
     return apply_filters(adata.n_obs, checks)
 
 
-def _sample_meta(slide_id: str, cell_id: str, xy_um: np.ndarray, he_px: np.ndarray, obs_row: dict,
-                 n_genes: int, n_neighbours: int, region: int, crop_um_per_px: float, meta: dict) -> dict:
+def _sample_meta(
+    slide_id: str,
+    cell_id: str,
+    xy_um: np.ndarray,
+    he_px: np.ndarray,
+    obs_row: dict,
+    n_genes: int,
+    n_neighbours: int,
+    region: int,
+    crop_um_per_px: float,
+    meta: dict,
+) -> dict:
     out = {
         "cell_id": cell_id,
         "slide": slide_id,
@@ -143,7 +168,9 @@ def _sample_meta(slide_id: str, cell_id: str, xy_um: np.ndarray, he_px: np.ndarr
     return out
 
 
-def shard_slide(slide: DictConfig, cfg: DictConfig, vocab: Vocabulary, tech_mean: np.ndarray | None, shard_dir: Path) -> dict:
+def shard_slide(
+    slide: DictConfig, cfg: DictConfig, vocab: Vocabulary, tech_mean: np.ndarray | None, shard_dir: Path
+) -> dict:
     """Write ``shard_dir/<slide.id>/`` (shards, slide manifest, QC and registration reports)."""
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -173,13 +200,21 @@ def shard_slide(slide: DictConfig, cfg: DictConfig, vocab: Vocabulary, tech_mean
             cells = adata[keep]
             lap("qc")
             tokens, token_report = rank_tokens_with_report(
-                cells, vocab, tech_mean, cfg.tokens.context_length, cfg.tokens.assay, cfg.tokens.modality, cfg.tokens.organism
+                cells,
+                vocab,
+                tech_mean,
+                cfg.tokens.context_length,
+                cfg.tokens.assay,
+                cfg.tokens.modality,
+                cfg.tokens.organism,
             )
             lap("tokenize")
             kept_xy, kept_px = xy_um[keep], he_px[keep]
             neighbours = find_neighbours(kept_xy, k=cfg.neighbours.k, radius_um=cfg.neighbours.radius_um, path=bundle)
             neighbours = neighbours._replace(offsets_um=offsets_in_crop_frame(neighbours, kept_px, image.um_per_px))
-            plan = plan_shards(kept_xy, cfg.shards.samples_per_shard, seed=int(cfg.shards.seed), group_um=cfg.shards.group_um)
+            plan = plan_shards(
+                kept_xy, cfg.shards.samples_per_shard, seed=int(cfg.shards.seed), group_um=cfg.shards.group_um
+            )
             lap("neighbours")
             reader = CropReader.from_config(image, cfg.crop, progress=bool(cfg.progress))
             crop_um_per_px = float(cfg.crop.target_um_per_px or image.um_per_px)
@@ -200,8 +235,16 @@ def shard_slide(slide: DictConfig, cfg: DictConfig, vocab: Vocabulary, tech_mean
                     t1 = time.perf_counter()
                     nbr_tokens, nbr_offsets = neighbour_sample(j, tokens, neighbours)
                     sample_meta = _sample_meta(
-                        slide_id, str(cell_ids[j]), kept_xy[j], kept_px[j], {c: v[j] for c, v in obs_values.items()},
-                        n_genes[j], len(nbr_tokens), regions[keep[j]], crop_um_per_px, meta,
+                        slide_id,
+                        str(cell_ids[j]),
+                        kept_xy[j],
+                        kept_px[j],
+                        {c: v[j] for c, v in obs_values.items()},
+                        n_genes[j],
+                        len(nbr_tokens),
+                        regions[keep[j]],
+                        crop_um_per_px,
+                        meta,
                     )
                     sample = encode_sample(f"{slide_id}_{j:08d}", jpg, tokens[j], nbr_tokens, nbr_offsets, sample_meta)
                     t2 = time.perf_counter()
@@ -227,7 +270,9 @@ def shard_slide(slide: DictConfig, cfg: DictConfig, vocab: Vocabulary, tech_mean
             "meta": meta,
             "qc": qc.summary(),
             "crops": reader.stats.as_dict(),
-            "tokenize": {k: v for k, v in token_report.to_dict().items() if k not in ("unmatched_genes", "merged_genes")}
+            "tokenize": {
+                k: v for k, v in token_report.to_dict().items() if k not in ("unmatched_genes", "merged_genes")
+            }
             | {"unmatched_genes_head": token_report.unmatched_genes[:20]},
             "registration": {k: registration_report.get(k) for k in ("overall", "regions") if k in registration_report},
             "he_um_per_px": image.um_per_px,
@@ -236,7 +281,14 @@ def shard_slide(slide: DictConfig, cfg: DictConfig, vocab: Vocabulary, tech_mean
         write_json(stage / SLIDE_MANIFEST_NAME, slide_manifest)
     n = slide_manifest["n_samples"]
     total = sum(timings.values())
-    log.info("slide %s: %d samples in %d shards, %.1f s (%.0f cells/s)", slide_id, n, len(shards), total, n / max(total, 1e-9))
+    log.info(
+        "slide %s: %d samples in %d shards, %.1f s (%.0f cells/s)",
+        slide_id,
+        n,
+        len(shards),
+        total,
+        n / max(total, 1e-9),
+    )
     return slide_manifest
 
 
@@ -345,8 +397,16 @@ def build_shards(cfg: DictConfig) -> dict | None:
     for stale in shard_dir.glob(".*.partial"):
         shutil.rmtree(stale, ignore_errors=True)  # left by a crashed run; never read
 
-    jobs = [(OmegaConf.to_container(s, resolve=True), OmegaConf.to_container(cfg, resolve=True),
-             str(shard_dir / vocab_info["path"]), tech_mean, str(shard_dir)) for s in todo]
+    jobs = [
+        (
+            OmegaConf.to_container(s, resolve=True),
+            OmegaConf.to_container(cfg, resolve=True),
+            str(shard_dir / vocab_info["path"]),
+            tech_mean,
+            str(shard_dir),
+        )
+        for s in todo
+    ]
     if int(cfg.workers) > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=int(cfg.workers)) as pool:
             list(pool.map(_shard_slide_job, jobs))

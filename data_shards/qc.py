@@ -1,4 +1,5 @@
 """Per-cell quality filters before sharding; every filter reports how many cells it removed."""
+
 from __future__ import annotations
 
 import logging

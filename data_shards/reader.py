@@ -9,6 +9,7 @@ what webdataset shards use (ustar/pax/GNU long-name headers, regular files) at a
 and yield the same sample dicts as webdataset (``__key__``, ``__url__``, one bytes value per
 extension), so they slot into a ``wds.DataPipeline`` in place of ``wds.tarfile_to_samples()``.
 """
+
 from __future__ import annotations
 
 import re
@@ -56,7 +57,9 @@ def tar_members(path: str) -> Iterator[tuple[str, bytes]]:
             padded = -(-size // BLOCK) * BLOCK
             content = stream.read(padded)[:size] if kind != b"5" else b""
             if len(content) < size:
-                raise InputError(path, "tar", "a complete tar member", f"truncated after {len(content)} of {size} bytes")
+                raise InputError(
+                    path, "tar", "a complete tar member", f"truncated after {len(content)} of {size} bytes"
+                )
             if kind == b"x":  # pax header for the next member
                 pax = _pax_records(content)
                 continue

@@ -14,6 +14,7 @@ loader and embedding. A sample is one cell, stored as webdataset tar members ``<
 
 Keys must not contain '.' (webdataset splits a member name at its first dot).
 """
+
 from __future__ import annotations
 
 import functools
@@ -249,5 +250,9 @@ def check_members(raw: dict, where: object = None) -> None:
     """Raise InputError unless the sample has exactly the members of :data:`SAMPLE_KEYS`."""
     present = {k for k in raw if not k.startswith("__")}
     if present != set(SAMPLE_KEYS):
-        raise InputError(where if where is not None else raw.get("__url__"), f"sample {raw.get('__key__')}",
-                         f"members {sorted(SAMPLE_KEYS)}", sorted(present))
+        raise InputError(
+            where if where is not None else raw.get("__url__"),
+            f"sample {raw.get('__key__')}",
+            f"members {sorted(SAMPLE_KEYS)}",
+            sorted(present),
+        )

@@ -11,6 +11,7 @@ Units are in the names: ``_um`` micrometres, ``_px`` pixels, ``_um_per_px`` µm 
 Paths inside a slide entry (``he_slide``) and in ``register`` (``keypoints``, ``alignment``,
 ``he_slide``) are relative to that slide's bundle folder.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -54,7 +55,9 @@ class RegisterConfig:
     scale: bool = True  # similarity (Umeyama); false = rigid (Kabsch) after µm -> px with the slide's µm/px
     min_points_per_region: int = 4  # smaller (or collinear) regions are merged into their nearest neighbour
     max_rms_um: Optional[float] = 10.0  # refuse when a region's keypoint RMS residual passes this (µm); null = no bound
-    max_loo_um: Optional[float] = 20.0  # refuse when a region's leave-one-out RMS error passes this (µm); null = no bound
+    max_loo_um: Optional[float] = (
+        20.0  # refuse when a region's leave-one-out RMS error passes this (µm); null = no bound
+    )
     he_slide: str = DEFAULT_HE_SLIDE  # pyramidal H&E, for the overlay and its µm/px
     he_um_per_px: Optional[float] = None  # override the slide's metadata (µm per level-0 pixel)
     xenium_pixel_size_um: float = 0.2125  # morphology-image pixel size, for the alignment CSV
@@ -142,7 +145,9 @@ class DataConfig:
     workers: int = 1  # slides processed in parallel processes
     merge: bool = True  # write manifest.json after the slides
     vocab: str = "panel"  # "panel" (the bundles' genes) or a gene list / Nicheformer model.h5ad path
-    tech_mean: Optional[str] = "compute"  # "compute" (from the training cells), a .npy aligned to the vocabulary, or null
+    tech_mean: Optional[str] = (
+        "compute"  # "compute" (from the training cells), a .npy aligned to the vocabulary, or null
+    )
     matrix: str = "auto"  # how counts are read: "auto", "h5" or "transcripts" (data_shards.xenium.read_xenium)
     min_qv: float = 20.0  # transcripts below this quality are not counted (matrix "transcripts")
     tokens: TokensConfig = field(default_factory=TokensConfig)

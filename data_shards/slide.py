@@ -4,6 +4,7 @@ Pixels are fetched through tifffile's zarr interface, so only the JPEG tiles tha
 requested region are decoded. Coordinates are (x, y) in pixels of the requested pyramid level;
 level 0 is full resolution at ``um_per_px`` µm/pixel.
 """
+
 from __future__ import annotations
 
 import logging
@@ -65,7 +66,9 @@ class Slide:
         self.um_per_px = um_per_px or _ome_um_per_px(self._tif) or _svs_um_per_px(self._tif)
         if self.um_per_px is None or not np.isfinite(self.um_per_px) or self.um_per_px <= 0:
             raise InputError(
-                self.path, "PhysicalSizeX / MPP", "a positive pixel size in the metadata (or um_per_px in the config)",
+                self.path,
+                "PhysicalSizeX / MPP",
+                "a positive pixel size in the metadata (or um_per_px in the config)",
                 self.um_per_px,
             )
         self._arrays: dict[int, zarr.Array] = {}
@@ -97,7 +100,9 @@ class Slide:
             block = np.asarray(self._array(level)[ya:yb, xa:xb])
         except Exception as exc:
             raise InputError(
-                self.path, f"level {level} region x={xa}:{xb} y={ya}:{yb}", "decodable image tiles",
+                self.path,
+                f"level {level} region x={xa}:{xb} y={ya}:{yb}",
+                "decodable image tiles",
                 f"{type(exc).__name__}: {exc}",
             ) from exc
         if block.ndim == 2:
@@ -140,7 +145,9 @@ class Slide:
                     image[y0 : y0 + bh, x0 : x0 + bw] = self.read_region(x0, y0, bw, bh, level=level)
                 except InputError:
                     bad += 1
-        log.warning("%s: %d unreadable %d px blocks at level %d shown grey in the thumbnail", self.path, bad, block, level)
+        log.warning(
+            "%s: %d unreadable %d px blocks at level %d shown grey in the thumbnail", self.path, bad, block, level
+        )
         return image
 
     def close(self) -> None:

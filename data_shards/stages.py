@@ -3,6 +3,7 @@
 Every function here checks its config against :class:`data_shards.schema.DataConfig` first
 (``common.config.apply_schema``), so a misspelled key is refused before anything is written.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,10 @@ def run_make_bundle(cfg: DictConfig) -> dict:
     mode = section.pop("mode")
     truth = make_bundle(out_dir, mode, **section)
     print(f"[bundle] {mode} bundle with {truth['n_cells']:,} cells written to {out_dir}")
-    print(f"[bundle] planted Xenium µm -> H&E px map: rotation {truth.get('rotation_deg', float('nan')):.2f}°, "
-          f"H&E {truth.get('he_um_per_px', float('nan')):.4f} µm/px, {len(truth.get('deformation', {}).get('centers_px', []))} local deformation bumps")
+    print(
+        f"[bundle] planted Xenium µm -> H&E px map: rotation {truth.get('rotation_deg', float('nan')):.2f}°, "
+        f"H&E {truth.get('he_um_per_px', float('nan')):.4f} µm/px, {len(truth.get('deformation', {}).get('centers_px', []))} local deformation bumps"
+    )
     return truth
 
 
@@ -47,7 +50,11 @@ def run_register(cfg: DictConfig) -> dict:
     cfg = apply_schema(DataConfig, cfg)
     reports = {}
     for slide in cfg.slides:
-        out = Path(slide.registration).parent if slide.get("registration") else Path(cfg.out_dir) / "registration" / str(slide.id)
+        out = (
+            Path(slide.registration).parent
+            if slide.get("registration")
+            else Path(cfg.out_dir) / "registration" / str(slide.id)
+        )
         reports[str(slide.id)] = register_bundle(slide.bundle, out, slide_register_config(cfg.register, slide))
         print(f"[register] {slide.id}: registration, report and overlay in {out}")
         truth = Path(slide.bundle) / "ground_truth_cells.parquet"
@@ -87,7 +94,9 @@ def run_make_shards(command: str, cfg: DictConfig) -> dict | None:
         return pipeline.prepare(cfg)
     if command == "verify":
         result = verify_shards(cfg.out_dir)
-        print(f"[verify] all {result['n_shards']} shards read back with tar and webdataset: {result['n_samples']:,} samples, keys and shapes as documented")
+        print(
+            f"[verify] all {result['n_shards']} shards read back with tar and webdataset: {result['n_samples']:,} samples, keys and shapes as documented"
+        )
         return result
     if command == "merge":
         manifest = pipeline.merge(cfg)
@@ -106,9 +115,13 @@ def print_shard_summary(manifest: dict, shard_dir: Path) -> None:
         crops = info["crops"]
         timings = info.get("timings_s", {})
         total = sum(timings.values())
-        print(f"[shards]   {slide_id}: QC kept {qc['n_kept']:,}/{qc['n_input']:,} cells "
-              f"(removed {json.dumps(qc['removed'])}); crops padded {crops['n_padded']}, "
-              f"skipped {crops['n_skipped']}; {info['n_samples'] / max(total, 1e-9):,.0f} cells/s")
+        print(
+            f"[shards]   {slide_id}: QC kept {qc['n_kept']:,}/{qc['n_input']:,} cells "
+            f"(removed {json.dumps(qc['removed'])}); crops padded {crops['n_padded']}, "
+            f"skipped {crops['n_skipped']}; {info['n_samples'] / max(total, 1e-9):,.0f} cells/s"
+        )
         tok = info["tokenize"]
-        print(f"[shards]   {slide_id}: {tok['n_genes_matched']}/{tok['n_genes']} genes in the vocabulary, "
-              f"{tok['n_cells_without_counts']} cells without in-vocabulary counts")
+        print(
+            f"[shards]   {slide_id}: {tok['n_genes_matched']}/{tok['n_genes']} genes in the vocabulary, "
+            f"{tok['n_cells_without_counts']} cells without in-vocabulary counts"
+        )

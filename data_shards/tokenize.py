@@ -24,6 +24,7 @@ Conventions (decisions the rest of the project relies on):
 * Genes outside the vocabulary are excluded, counted, and reported (``TokenizationReport``);
   several AnnData genes that map to one vocabulary gene are summed into it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,9 +52,22 @@ from .vocabulary import (  # re-exported: the contract names them in this module
 )
 
 __all__ = [
-    "ASSAY_TOKENS", "CLS", "GENE_OFFSET", "MASK", "MODALITY_TOKENS", "ORGANISM_TOKENS", "PAD",
-    "TokenizationReport", "Vocabulary", "compute_tech_mean", "context_token", "effective_mean", "load_tech_mean",
-    "rank_tokens", "rank_tokens_with_report", "save_tech_mean",
+    "ASSAY_TOKENS",
+    "CLS",
+    "GENE_OFFSET",
+    "MASK",
+    "MODALITY_TOKENS",
+    "ORGANISM_TOKENS",
+    "PAD",
+    "TokenizationReport",
+    "Vocabulary",
+    "compute_tech_mean",
+    "context_token",
+    "effective_mean",
+    "load_tech_mean",
+    "rank_tokens",
+    "rank_tokens_with_report",
+    "save_tech_mean",
 ]
 
 log = logging.getLogger(__name__)
@@ -123,10 +137,14 @@ def rank_tokens_with_report(
 ) -> tuple[np.ndarray, TokenizationReport]:
     """``rank_tokens`` plus a ``TokenizationReport``; processes ``chunk_rows`` cells at a time."""
     if int(context_length) < N_CONTEXT_TOKENS:
-        raise InputError(None, "context_length", f"at least {N_CONTEXT_TOKENS} (assay, modality, organism tokens)", context_length)
+        raise InputError(
+            None, "context_length", f"at least {N_CONTEXT_TOKENS} (assay, modality, organism tokens)", context_length
+        )
     context_length = int(context_length)
-    context = np.array([context_token("assay", assay), context_token("modality", modality),
-                        context_token("organism", organism)], dtype=np.int32)
+    context = np.array(
+        [context_token("assay", assay), context_token("modality", modality), context_token("organism", organism)],
+        dtype=np.int32,
+    )
     vocab = _as_vocabulary(vocab)
     mean = effective_mean(load_tech_mean(tech_mean, vocab)) if tech_mean is not None else np.ones(len(vocab))
     columns = _match_columns(adata, vocab)
@@ -183,14 +201,24 @@ def load_tech_mean(path_or_array: np.ndarray | str | Path, vocab: Vocabulary | s
         array = path_or_array
     array = np.asarray(array)
     if array.ndim != 1 or not np.issubdtype(array.dtype, np.number):
-        raise InputError(source, "tech_mean", "a 1-D numeric array (one mean per vocabulary gene)", f"{array.dtype} {array.shape}")
+        raise InputError(
+            source, "tech_mean", "a 1-D numeric array (one mean per vocabulary gene)", f"{array.dtype} {array.shape}"
+        )
     if array.shape[0] != len(vocab):
-        raise InputError(source, "tech_mean", f"{len(vocab)} values, one per gene of the vocabulary {vocab.source or ''}".rstrip(),
-                         f"{array.shape[0]} values")
+        raise InputError(
+            source,
+            "tech_mean",
+            f"{len(vocab)} values, one per gene of the vocabulary {vocab.source or ''}".rstrip(),
+            f"{array.shape[0]} values",
+        )
     array = array.astype(np.float64)
     if np.any(array[np.isfinite(array)] < 0) or np.any(np.isinf(array)):
-        raise InputError(source, "tech_mean", "non-negative finite means (NaN for unmeasured genes)",
-                         f"min {np.nanmin(array)}, max {np.nanmax(array)}")
+        raise InputError(
+            source,
+            "tech_mean",
+            "non-negative finite means (NaN for unmeasured genes)",
+            f"min {np.nanmin(array)}, max {np.nanmax(array)}",
+        )
     return array
 
 
@@ -265,10 +293,13 @@ def _match_columns(adata, vocab: Vocabulary) -> _Columns:
     positions, by_id = vocab.match(gene_ids, names)
     matched = positions >= 0
     if not matched.any():
-        raise InputError(vocab.source, "genes",
-                         f"at least one of the AnnData's {len(names)} genes in this {len(vocab)}-gene vocabulary "
-                         "(matched by Ensembl id in var['gene_ids'], then by symbol)",
-                         f"none, e.g. {names[:5]}")
+        raise InputError(
+            vocab.source,
+            "genes",
+            f"at least one of the AnnData's {len(names)} genes in this {len(vocab)}-gene vocabulary "
+            "(matched by Ensembl id in var['gene_ids'], then by symbol)",
+            f"none, e.g. {names[:5]}",
+        )
     # Panel index increases with vocabulary position, so ordering by panel index breaks ties by token id.
     vocab_positions, var_to_panel_matched = np.unique(positions[matched], return_inverse=True)
     var_to_panel = np.full(len(names), -1, dtype=np.int64)
@@ -359,11 +390,22 @@ def _progress(chunk_starts: range, n_cells: int, chunk_rows: int, label: str):
 
 def _log_report(report: TokenizationReport) -> None:
     if report.unmatched_genes:
-        log.warning("%d of %d genes are not in the vocabulary %s and are left out of the ranking, e.g. %s",
-                    report.n_genes_unmatched, report.n_genes, report.vocab_source or "", report.unmatched_genes[:10])
+        log.warning(
+            "%d of %d genes are not in the vocabulary %s and are left out of the ranking, e.g. %s",
+            report.n_genes_unmatched,
+            report.n_genes,
+            report.vocab_source or "",
+            report.unmatched_genes[:10],
+        )
     if report.merged_genes:
-        log.warning("%d genes share a vocabulary entry with another gene and are summed into it, e.g. %s",
-                    len(report.merged_genes), report.merged_genes[:10])
+        log.warning(
+            "%d genes share a vocabulary entry with another gene and are summed into it, e.g. %s",
+            len(report.merged_genes),
+            report.merged_genes[:10],
+        )
     if report.n_cells_without_counts:
-        log.info("%d of %d cells have no counts on vocabulary genes (context tokens and padding only)",
-                 report.n_cells_without_counts, report.n_cells)
+        log.info(
+            "%d of %d cells have no counts on vocabulary genes (context tokens and padding only)",
+            report.n_cells_without_counts,
+            report.n_cells,
+        )

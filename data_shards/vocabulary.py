@@ -21,6 +21,7 @@ exact, case-sensitive symbol. There is deliberately no case-insensitive fallback
 vocabulary mixes human (``ACTA2``) and mouse (``Acta2``) genes, whose symbols differ only by case,
 so case folding would silently map a gene to the other species.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -111,7 +112,9 @@ class Vocabulary:
             raise InputError(source, "genes", "a non-empty gene list", "no genes")
         if symbols is not None and len(symbols) != len(self.genes):
             raise InputError(source, "gene_symbol", f"{len(self.genes)} symbols, one per gene", len(symbols))
-        self.symbols: list[str | None] = [_clean(s) for s in symbols] if symbols is not None else [None] * len(self.genes)
+        self.symbols: list[str | None] = (
+            [_clean(s) for s in symbols] if symbols is not None else [None] * len(self.genes)
+        )
 
         self._by_name: dict[str, int] = {}  # exact primary names, e.g. "ENSG00000179826-2" (made unique)
         self._by_id: dict[str, int] = {}  # Ensembl ids without version
@@ -122,7 +125,9 @@ class Vocabulary:
                 raise InputError(source, f"gene {position}", "a non-empty gene name", repr(gene))
             key = strip_version(gene)
             if gene in self._by_name or key in self._by_id:
-                raise InputError(source, f"gene {position}", "unique gene names (they define the token ids)", f"{gene!r} repeated")
+                raise InputError(
+                    source, f"gene {position}", "unique gene names (they define the token ids)", f"{gene!r} repeated"
+                )
             self._by_name[gene] = position
             if is_ensembl_id(gene):
                 self._by_id[key] = position
@@ -135,12 +140,18 @@ class Vocabulary:
             # Two vocabulary genes share a symbol: matching on it would be a guess, so only ids match them.
             del self._by_symbol[symbol]
         if ambiguous:
-            log.info("%s: %d symbols shared by several genes are matched by Ensembl id only (e.g. %s)",
-                     source or "vocabulary", len(ambiguous), sorted(ambiguous)[:5])
+            log.info(
+                "%s: %d symbols shared by several genes are matched by Ensembl id only (e.g. %s)",
+                source or "vocabulary",
+                len(ambiguous),
+                sorted(ambiguous)[:5],
+            )
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_genes(cls, ids: Iterable[str], symbols: Iterable[str | None] | None = None, source: str | None = None) -> Vocabulary:
+    def from_genes(
+        cls, ids: Iterable[str], symbols: Iterable[str | None] | None = None, source: str | None = None
+    ) -> Vocabulary:
         """Build a vocabulary from a panel: ``ids`` in token order, optional ``symbols`` beside them."""
         return cls(list(ids), None if symbols is None else list(symbols), source=source)
 
@@ -196,7 +207,12 @@ class Vocabulary:
                 id_column, symbol_column = symbol_column, None  # a list of symbols only
         widths = {len(r) for r in rows}
         if max(widths, default=0) > 2 and symbol_column is None and id_column == 0:
-            raise InputError(path, "columns", "one or two columns (gene, optional symbol) or a header naming gene_id", f"{max(widths)} columns")
+            raise InputError(
+                path,
+                "columns",
+                "one or two columns (gene, optional symbol) or a header naming gene_id",
+                f"{max(widths)} columns",
+            )
         genes = [r[id_column] if id_column < len(r) else "" for r in rows]
         symbols = None
         if symbol_column is not None and any(len(r) > symbol_column for r in rows):
@@ -231,8 +247,10 @@ class Vocabulary:
         """Token id of ``gene`` (Ensembl id or symbol); KeyError when it is not in the vocabulary."""
         position = self.position(gene)
         if position < 0:
-            raise KeyError(f"gene {gene!r} is not in the vocabulary ({len(self)} genes, from {self.source or 'memory'}); "
-                           "genes are matched by Ensembl id, then by exact symbol")
+            raise KeyError(
+                f"gene {gene!r} is not in the vocabulary ({len(self)} genes, from {self.source or 'memory'}); "
+                "genes are matched by Ensembl id, then by exact symbol"
+            )
         return GENE_OFFSET + position
 
     def match(self, gene_ids: Sequence[str | None], names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -10,6 +10,7 @@ The unit of shuffling is a *group*: a single cell by default, or all cells of a 
 ``group_um`` µm, which stay together so that a small shuffle buffer in the loader puts
 neighbouring cells into one batch as hard negatives (PAST paper).
 """
+
 from __future__ import annotations
 
 import os
@@ -52,10 +53,16 @@ class TarSampleWriter:
         size_field = b"%011o\0" % size
         # The checksum is the byte sum of the header with its own field read as spaces.
         checksum = cls._FIXED_SUM + sum(encoded) + sum(size_field)
-        return b"".join((
-            encoded.ljust(100, b"\0"), cls._MODE_UID_GID, size_field, cls._MTIME,
-            b"%06o\0 " % checksum, cls._AFTER_CHECKSUM,
-        ))
+        return b"".join(
+            (
+                encoded.ljust(100, b"\0"),
+                cls._MODE_UID_GID,
+                size_field,
+                cls._MTIME,
+                b"%06o\0 " % checksum,
+                cls._AFTER_CHECKSUM,
+            )
+        )
 
     @classmethod
     def render(cls, sample: dict) -> bytes:
@@ -91,9 +98,7 @@ class ShardPlan:
     n_shards: int
 
 
-def plan_shards(
-    xy_um: np.ndarray, samples_per_shard: int, seed: int, group_um: float | None = None
-) -> ShardPlan:
+def plan_shards(xy_um: np.ndarray, samples_per_shard: int, seed: int, group_um: float | None = None) -> ShardPlan:
     """Balanced random assignment of groups to shards.
 
     xy_um: (n, 2) cell centroids in µm. With ``group_um`` the slide is cut into squares of that

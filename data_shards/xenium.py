@@ -13,6 +13,7 @@ Control probes and codewords never enter X; their per-cell counts go to ``obs`` 
 ``<snake_case feature type>_counts`` (e.g. ``negative_control_probe_counts``) unless the cells
 table already carries a column of that name, which is kept as XOA wrote it.
 """
+
 from __future__ import annotations
 
 import json
@@ -169,7 +170,11 @@ def read_xenium(
 
     logger.info(
         "read %s: %d cells x %d genes, %d counts, matrix from %s",
-        bundle, adata.n_obs, adata.n_vars, int(counts.sum()), source_file.name,
+        bundle,
+        adata.n_obs,
+        adata.n_vars,
+        int(counts.sum()),
+        source_file.name,
     )
     return adata
 
@@ -203,7 +208,9 @@ def read_boundaries(bundle_dir: str | Path, kind: str = "cell") -> pd.DataFrame:
     stem = f"{kind}_boundaries"
     path = _first_existing(bundle, (f"{stem}.parquet", f"{stem}.csv.gz", f"{stem}.csv"))
     if path is None:
-        raise InputError(bundle / f"{stem}.parquet", None, f"the {kind} boundaries file ({stem}.parquet or .csv.gz)", "missing")
+        raise InputError(
+            bundle / f"{stem}.parquet", None, f"the {kind} boundaries file ({stem}.parquet or .csv.gz)", "missing"
+        )
     table = _read_table(path)
     _require_columns(table, path, ("cell_id", "vertex_x", "vertex_y"))
     frame = _table_with_str_ids(table, path).to_pandas()
@@ -270,8 +277,13 @@ def _ids_as_str(ids: pa.Array | pa.ChunkedArray, path: Path, field: str) -> pa.C
         if ids.null_count or not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):
             raise InputError(path, field, "integer or string cell ids", "non-integer numbers")
         ids = pc.cast(ids, pa.int64())
-    elif not (pa.types.is_integer(kind) or pa.types.is_string(kind) or pa.types.is_large_string(kind)
-              or pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
+    elif not (
+        pa.types.is_integer(kind)
+        or pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+        or pa.types.is_binary(kind)
+        or pa.types.is_large_binary(kind)
+    ):
         raise InputError(path, field, "integer or string cell ids", str(kind))
     try:
         return pc.cast(ids, pa.string())
@@ -299,8 +311,12 @@ def _read_cells(bundle: Path) -> tuple[pd.DataFrame, Path]:
     cells = _table_with_str_ids(table, path).to_pandas()
     duplicated = cells["cell_id"].duplicated()
     if duplicated.any():
-        raise InputError(path, "cell_id", "unique cell ids",
-                         f"{int(duplicated.sum())} repeated, e.g. {cells['cell_id'][duplicated].iloc[0]!r}")
+        raise InputError(
+            path,
+            "cell_id",
+            "unique cell ids",
+            f"{int(duplicated.sum())} repeated, e.g. {cells['cell_id'][duplicated].iloc[0]!r}",
+        )
     for axis in ("x_centroid", "y_centroid"):
         n_nan = int(pd.to_numeric(cells[axis], errors="coerce").isna().sum())
         if n_nan:
@@ -348,11 +364,13 @@ def _h5_features(handle: h5py.File, path: Path) -> pd.DataFrame:
         if f"matrix/{name}" not in handle:
             raise InputError(path, f"matrix/{name}", "a 10x HDF5 v3 matrix dataset", "missing")
     group = handle["matrix/features"]
-    return pd.DataFrame({
-        "gene_ids": _decode_strings(group["id"]),
-        "name": _decode_strings(group["name"]),
-        "feature_types": _decode_strings(group["feature_type"]),
-    })
+    return pd.DataFrame(
+        {
+            "gene_ids": _decode_strings(group["id"]),
+            "name": _decode_strings(group["name"]),
+            "feature_types": _decode_strings(group["feature_type"]),
+        }
+    )
 
 
 def _read_h5_matrix(path: Path) -> tuple[sp.csr_matrix, np.ndarray, pd.DataFrame]:
@@ -378,11 +396,19 @@ def _read_h5_matrix(path: Path) -> tuple[sp.csr_matrix, np.ndarray, pd.DataFrame
         indices = _whole_numbers(np.asarray(group["indices"][()]), path, "matrix/indices", np.int64)
         indptr = _whole_numbers(np.asarray(group["indptr"][()]), path, "matrix/indptr", np.int64)
     if len(indptr) != n_barcodes + 1 or indptr[0] != 0 or np.any(np.diff(indptr) < 0):
-        raise InputError(path, "matrix/indptr", f"{n_barcodes + 1} non-decreasing offsets from 0 (CSC, one column per cell)",
-                         f"{len(indptr)} values")
+        raise InputError(
+            path,
+            "matrix/indptr",
+            f"{n_barcodes + 1} non-decreasing offsets from 0 (CSC, one column per cell)",
+            f"{len(indptr)} values",
+        )
     if not (len(data) == len(indices) == indptr[-1]):
-        raise InputError(path, "matrix/data", f"{indptr[-1]} stored values (matrix/indptr[-1]) in data and indices",
-                         f"{len(data)} data, {len(indices)} indices")
+        raise InputError(
+            path,
+            "matrix/data",
+            f"{indptr[-1]} stored values (matrix/indptr[-1]) in data and indices",
+            f"{len(data)} data, {len(indices)} indices",
+        )
     if indices.size and indices.max() >= n_features:
         raise InputError(path, "matrix/indices", f"feature indices below {n_features}", f"maximum {indices.max()}")
     if len(set(barcodes)) != len(barcodes):
@@ -402,17 +428,21 @@ def _counts_from_h5(
     overlap = int((row_of_cell >= 0).sum())
     if overlap != len(cell_ids) or len(barcodes) != len(cell_ids):
         raise InputError(
-            path, "matrix/barcodes",
+            path,
+            "matrix/barcodes",
             f"one barcode for each cell of {cells_path.name} (the matrix belongs to another cell set); "
-            f"pass matrix=\"transcripts\" to rebuild counts from {TRANSCRIPTS_FILE}",
-            f"{len(cell_ids)} cells in {cells_path.name}, {len(barcodes)} barcodes in {path.name}, "
-            f"{overlap} in common",
+            f'pass matrix="transcripts" to rebuild counts from {TRANSCRIPTS_FILE}',
+            f"{len(cell_ids)} cells in {cells_path.name}, {len(barcodes)} barcodes in {path.name}, {overlap} in common",
         )
     counts = counts[row_of_cell]  # rows now in cells-table order
     is_gene = (features["feature_types"] == GENE_EXPRESSION).to_numpy()
     if not is_gene.any():
-        raise InputError(path, "matrix/features/feature_type", f"at least one {GENE_EXPRESSION!r} feature",
-                         sorted(set(features["feature_types"])))
+        raise InputError(
+            path,
+            "matrix/features/feature_type",
+            f"at least one {GENE_EXPRESSION!r} feature",
+            sorted(set(features["feature_types"])),
+        )
     controls = {
         feature_type: np.asarray(counts[:, (features["feature_types"] == feature_type).to_numpy()].sum(axis=1)).ravel()
         for feature_type in dict.fromkeys(features["feature_types"][~is_gene])
@@ -442,7 +472,8 @@ def _reference_genes(bundle: Path) -> dict[str, dict[str, str]]:
             targets = json.loads(panel_path.read_text(encoding="utf-8"))["payload"]["targets"]
             panels[GENE_PANEL_FILE] = {
                 t["type"]["data"]["name"]: t["type"]["data"].get("id", "")
-                for t in targets if t["type"].get("descriptor", "gene") == "gene"
+                for t in targets
+                if t["type"].get("descriptor", "gene") == "gene"
             }
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             logger.warning("%s: no gene list read (%s); gene ids may be empty", panel_path, error)
@@ -543,7 +574,9 @@ def _counts_from_transcripts(
     tally = {"rows": 0, "low_qv": 0, "unassigned": 0, "other_cells": 0}
 
     progress = tqdm(total=parquet.metadata.num_rows, unit="transcript", desc=path.name, disable=None, leave=False)
-    for batch in parquet.iter_batches(batch_size=TRANSCRIPT_BATCH_ROWS, columns=[*REQUIRED_TRANSCRIPT_COLUMNS, *optional]):
+    for batch in parquet.iter_batches(
+        batch_size=TRANSCRIPT_BATCH_ROWS, columns=[*REQUIRED_TRANSCRIPT_COLUMNS, *optional]
+    ):
         progress.update(batch.num_rows)
         tally["rows"] += batch.num_rows
         qv = pc.fill_null(pc.cast(batch.column("qv"), pa.float64()), -np.inf).to_numpy(zero_copy_only=False)
@@ -589,10 +622,20 @@ def _counts_from_transcripts(
     if tally["rows"] == 0:
         raise InputError(path, None, "at least one transcript", "an empty table")
     if tally["other_cells"]:
-        logger.warning("%s: %d transcripts (qv >= %g) name cells absent from the cells table; not counted",
-                       path.name, tally["other_cells"], min_qv)
-    logger.info("%s: %d transcripts, %d below qv %g, %d unassigned", path.name, tally["rows"],
-                tally["low_qv"], min_qv, tally["unassigned"])
+        logger.warning(
+            "%s: %d transcripts (qv >= %g) name cells absent from the cells table; not counted",
+            path.name,
+            tally["other_cells"],
+            min_qv,
+        )
+    logger.info(
+        "%s: %d transcripts, %d below qv %g, %d unassigned",
+        path.name,
+        tally["rows"],
+        tally["low_qv"],
+        min_qv,
+        tally["unassigned"],
+    )
 
     seen = list(counter.gene_column)
     if not seen:
@@ -606,8 +649,11 @@ def _counts_from_transcripts(
         lookup = {s: i for p in reference.values() for s, i in p.items()}
         ids = [lookup.get(s, "") for s in symbols]
         if reference:
-            logger.warning("%s: gene names do not all appear in %s; gene ids left empty where unknown",
-                           path.name, " or ".join(reference))
+            logger.warning(
+                "%s: gene names do not all appear in %s; gene ids left empty where unknown",
+                path.name,
+                " or ".join(reference),
+            )
     position = {s: j for j, s in enumerate(symbols)}
     x = counter.matrix(np.array([position[s] for s in seen], dtype=np.int64), len(symbols))
     var = pd.DataFrame({"gene_ids": ids, "feature_types": GENE_EXPRESSION}, index=pd.Index(symbols))

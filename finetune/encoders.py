@@ -19,12 +19,14 @@ Images enter as uint8 (B, H, W, 3) RGB crops; :meth:`ImageEncoder.preprocess` re
 encoder's input size when needed and normalises ``(x / 255 - mean) / std`` with the mean/std of
 the export's ``config.json`` (ImageNet's unless it says otherwise).
 """
+
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -42,7 +44,14 @@ from pretrain.export.load import (
 from pretrain.models import IMAGENET_MEAN, IMAGENET_STD, create_backbone
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "SOURCES", "ImageEncoder", "check_which", "load_encoder", "random_like",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "SOURCES",
+    "EncoderConfig",
+    "ImageEncoder",
+    "check_which",
+    "load_encoder",
+    "random_like",
     "resolve_device",
 ]
 
@@ -51,21 +60,45 @@ log = logging.getLogger(__name__)
 SOURCES = ("export", "timm", "random")
 
 
+@dataclass
+class EncoderConfig:
+    """An image encoder for :func:`finetune.encoders.load_encoder`."""
+
+    source: str = (
+        "export"  # export (a `launch/export.py` folder) | timm (arch, kwargs, weights) | random (arch, kwargs)
+    )
+    path: Optional[str] = None  # source=export: the export folder (or its image_encoder/)
+    arch: Optional[str] = None  # source=timm|random: the timm architecture name
+    kwargs: dict[str, Any] = field(default_factory=dict)  # timm model kwargs (img_size, patch_size, ...); timm's keys
+    weights: Optional[str] = None  # source=timm: a local weights file (no downloads at run time)
+
+
 def _load_export(path: Path) -> ImageEncoder:
     folder = path / IMAGE_DIR if (path / IMAGE_DIR).is_dir() else path
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
-        raise InputError(config_path, None, "an exported image encoder (image_encoder/config.json from launch/export.py)",
-                         "no such file")
+        raise InputError(
+            config_path,
+            None,
+            "an exported image encoder (image_encoder/config.json from launch/export.py)",
+            "no such file",
+        )
     config = read_json_file(config_path, "an exported image encoder config")
     if (config.get("past") or {}).get("format") == IMAGE_FORMAT:
         return load_image_encoder(folder)
     # Plain timm hub folder: architecture + model_args + model.safetensors.
     for key in ("architecture", "model_args"):
         if key not in config:
-            raise InputError(config_path, key, "a timm hub config (architecture, model_args) or a PAST export", "missing")
-    return load_timm_encoder(config["architecture"], config["model_args"], folder / WEIGHTS_NAME,
-                             config.get("pretrained_cfg"), description={"source": "export", "path": str(folder)})
+            raise InputError(
+                config_path, key, "a timm hub config (architecture, model_args) or a PAST export", "missing"
+            )
+    return load_timm_encoder(
+        config["architecture"],
+        config["model_args"],
+        folder / WEIGHTS_NAME,
+        config.get("pretrained_cfg"),
+        description={"source": "export", "path": str(folder)},
+    )
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -100,10 +133,15 @@ def load_encoder(cfg: Mapping[str, Any], seed: int = 0, device: str | torch.devi
             raise InputError(None, "encoder.arch", "a timm architecture name for the random encoder", cfg.get("arch"))
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            encoder = load_timm_encoder(cfg["arch"], cfg.get("kwargs"), None,
-                                        description={"source": "random", "seed": seed})
-    log.info("image encoder: %s (%d-d features%s)", encoder.description, encoder.num_features,
-             ", with projection" if encoder.has_projection else "")
+            encoder = load_timm_encoder(
+                cfg["arch"], cfg.get("kwargs"), None, description={"source": "random", "seed": seed}
+            )
+    log.info(
+        "image encoder: %s (%d-d features%s)",
+        encoder.description,
+        encoder.num_features,
+        ", with projection" if encoder.has_projection else "",
+    )
     return encoder.to(resolve_device(device)).eval()
 
 
@@ -112,9 +150,18 @@ def random_like(encoder: ImageEncoder, seed: int = 0) -> ImageEncoder:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         backbone = create_backbone(encoder.arch, encoder.arch_kwargs)
-    return ImageEncoder(
-        backbone.eval(), None, arch=encoder.arch, arch_kwargs=encoder.arch_kwargs,
-        mean=encoder.mean.flatten().tolist(), std=encoder.std.flatten().tolist(), input_size_px=encoder.input_size_px,
-        data_config=encoder.data_config,
-        description={"source": "random", "arch": encoder.arch, "kwargs": encoder.arch_kwargs, "seed": seed},
-    ).to(encoder.mean.device).eval()
+    return (
+        ImageEncoder(
+            backbone.eval(),
+            None,
+            arch=encoder.arch,
+            arch_kwargs=encoder.arch_kwargs,
+            mean=encoder.mean.flatten().tolist(),
+            std=encoder.std.flatten().tolist(),
+            input_size_px=encoder.input_size_px,
+            data_config=encoder.data_config,
+            description={"source": "random", "arch": encoder.arch, "kwargs": encoder.arch_kwargs, "seed": seed},
+        )
+        .to(encoder.mean.device)
+        .eval()
+    )

@@ -9,6 +9,7 @@ Units: survival times are in whatever unit the caller uses (days, months), the s
 and test; image arrays are in pixels, H×W or H×W×C; DAB and hematoxylin amounts are in
 scikit-image's `rgb2hed` units (see `DEFAULT_DAB_THRESHOLDS`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,6 +38,7 @@ __all__ = [
     "ssim",
     "segment_nuclei",
     "h_score",
+    "h_score_from_classes",
     "pearson_per_gene",
     "mean_pearson",
 ]
@@ -67,8 +69,9 @@ def _as_event(values, field: str) -> np.ndarray:
     if array.dtype != bool:
         numeric = _as_1d_finite(array, field)
         if not np.all((numeric == 0) | (numeric == 1)):
-            raise InputError(None, field, "booleans or 0/1 (1 = event observed, 0 = censored)",
-                             f"values {np.unique(numeric)[:5]}")
+            raise InputError(
+                None, field, "booleans or 0/1 (1 = event observed, 0 = censored)", f"values {np.unique(numeric)[:5]}"
+            )
         array = numeric.astype(bool)
     return array
 
@@ -90,8 +93,9 @@ def _count_comparable_pairs(time: np.ndarray, event: np.ndarray) -> int:
     sorted_censored = np.sort(time[~event])
     event_time = time[event]
     later = len(time) - np.searchsorted(sorted_time, event_time, side="right")
-    censored_same = (np.searchsorted(sorted_censored, event_time, side="right")
-                     - np.searchsorted(sorted_censored, event_time, side="left"))
+    censored_same = np.searchsorted(sorted_censored, event_time, side="right") - np.searchsorted(
+        sorted_censored, event_time, side="left"
+    )
     return int(np.sum(later + censored_same))
 
 
@@ -116,8 +120,12 @@ def concordance_index(time, event, risk) -> float:
     risk = _as_1d_finite(risk, "risk")
     _check_same_length(time=time, event=event, risk=risk)
     if _count_comparable_pairs(time, event) == 0:
-        raise InputError(None, "event", "at least one comparable pair (an observed event before "
-                         "another subject's time)", f"{int(event.sum())} events among {len(time)} subjects")
+        raise InputError(
+            None,
+            "event",
+            "at least one comparable pair (an observed event before another subject's time)",
+            f"{int(event.sum())} events among {len(time)} subjects",
+        )
     cindex, *_ = concordance_index_censored(event, time, risk)
     return float(cindex)
 
@@ -151,13 +159,21 @@ def ipcw_concordance_index(train_time, train_event, test_time, test_event, risk,
         if not np.isfinite(tau) or tau <= 0:
             raise InputError(None, "tau", "a positive finite truncation time or None", tau)
         if tau > follow_up_end:
-            log.warning("ipcw_concordance_index: tau=%g is beyond the training follow-up; using "
-                        "the largest training time %g instead", tau, follow_up_end)
+            log.warning(
+                "ipcw_concordance_index: tau=%g is beyond the training follow-up; using "
+                "the largest training time %g instead",
+                tau,
+                follow_up_end,
+            )
             tau = follow_up_end
 
     if _count_comparable_pairs(test_time, test_event & (test_time < tau)) == 0:
-        raise InputError(None, "test_event", f"at least one comparable pair with the earlier event "
-                         f"before tau={tau:g}", f"{int((test_event & (test_time < tau)).sum())} such events")
+        raise InputError(
+            None,
+            "test_event",
+            f"at least one comparable pair with the earlier event before tau={tau:g}",
+            f"{int((test_event & (test_time < tau)).sum())} such events",
+        )
     survival_train = Surv.from_arrays(event=train_event, time=train_time)
     survival_test = Surv.from_arrays(event=test_event, time=test_time)
     cindex, *_ = concordance_index_ipcw(survival_train, survival_test, risk, tau=tau)
@@ -180,8 +196,9 @@ def _check_image_pair(pred, target, data_range) -> tuple[np.ndarray, np.ndarray,
         if not np.all(np.isfinite(image)):
             raise InputError(None, name, "finite pixel values", "NaN/inf")
     if data_range is None or not np.isfinite(data_range) or data_range <= 0:
-        raise InputError(None, "data_range", "a positive number (e.g. 1.0 for [0, 1] floats, 255 for "
-                         "8-bit)", data_range)
+        raise InputError(
+            None, "data_range", "a positive number (e.g. 1.0 for [0, 1] floats, 255 for 8-bit)", data_range
+        )
     return pred, target, float(data_range)
 
 
@@ -226,13 +243,19 @@ def _check_rgb(ihc_rgb) -> np.ndarray:
     if image.ndim != 3 or image.shape[-1] != 3:
         raise InputError(None, "ihc_rgb", "an H×W×3 RGB image", f"shape {image.shape}")
     if np.issubdtype(image.dtype, np.floating) and (image.min() < 0 or image.max() > 1):
-        raise InputError(None, "ihc_rgb", "float values in [0, 1] or an integer image",
-                         f"range [{image.min():g}, {image.max():g}]")
+        raise InputError(
+            None, "ihc_rgb", "float values in [0, 1] or an integer image", f"range [{image.min():g}, {image.max():g}]"
+        )
     return image
 
 
-def segment_nuclei(ihc_rgb, min_area_px: int = 30, smoothing_sigma_px: float = 1.0,
-                   split_touching: bool = True, min_distance_px: int = 5) -> np.ndarray:
+def segment_nuclei(
+    ihc_rgb,
+    min_area_px: int = 30,
+    smoothing_sigma_px: float = 1.0,
+    split_touching: bool = True,
+    min_distance_px: int = 5,
+) -> np.ndarray:
     """Label nuclei (H×W int32, 0 = background) from the hematoxylin channel of an RGB image.
 
     A classical baseline: hematoxylin amount from `rgb2hed` (channel 0), Gaussian smoothing
@@ -252,8 +275,7 @@ def segment_nuclei(ihc_rgb, min_area_px: int = 30, smoothing_sigma_px: float = 1
     components, _ = ndi.label(foreground)
     if split_touching:
         distance_px = ndi.distance_transform_edt(foreground)
-        peaks = peak_local_max(distance_px, min_distance=min_distance_px, labels=components,
-                               exclude_border=False)
+        peaks = peak_local_max(distance_px, min_distance=min_distance_px, labels=components, exclude_border=False)
         markers = np.zeros(components.shape, dtype=np.int32)
         markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
         labels = watershed(-distance_px, markers, mask=foreground)
@@ -283,10 +305,15 @@ def h_score(ihc_rgb, nuclei=None, thresholds: Sequence[float] = DEFAULT_DAB_THRE
     """
     image = _check_rgb(ihc_rgb)
     thresholds = tuple(float(t) for t in thresholds)
-    if len(thresholds) != 3 or not all(np.isfinite(thresholds)) or thresholds[0] < 0 \
-            or not thresholds[0] < thresholds[1] < thresholds[2]:
-        raise InputError(None, "thresholds", "three increasing non-negative DAB values "
-                         "(weak, moderate, strong)", thresholds)
+    if (
+        len(thresholds) != 3
+        or not all(np.isfinite(thresholds))
+        or thresholds[0] < 0
+        or not thresholds[0] < thresholds[1] < thresholds[2]
+    ):
+        raise InputError(
+            None, "thresholds", "three increasing non-negative DAB values (weak, moderate, strong)", thresholds
+        )
     if nuclei is None:
         nuclei = segment_nuclei(image)
         source = "segmented nuclei"
@@ -294,11 +321,16 @@ def h_score(ihc_rgb, nuclei=None, thresholds: Sequence[float] = DEFAULT_DAB_THRE
         nuclei = np.asarray(nuclei)
         source = "nuclei"
         if nuclei.shape != image.shape[:2]:
-            raise InputError(None, "nuclei", f"an H×W label image matching ihc_rgb {image.shape[:2]}",
-                             f"shape {nuclei.shape}")
+            raise InputError(
+                None, "nuclei", f"an H×W label image matching ihc_rgb {image.shape[:2]}", f"shape {nuclei.shape}"
+            )
         if not np.issubdtype(nuclei.dtype, np.integer) or nuclei.min() < 0:
-            raise InputError(None, "nuclei", "non-negative integer labels (0 = background)",
-                             f"dtype {nuclei.dtype}, minimum {nuclei.min()}")
+            raise InputError(
+                None,
+                "nuclei",
+                "non-negative integer labels (0 = background)",
+                f"dtype {nuclei.dtype}, minimum {nuclei.min()}",
+            )
     label_ids = np.unique(nuclei)
     label_ids = label_ids[label_ids > 0]
     if label_ids.size == 0:
@@ -307,10 +339,15 @@ def h_score(ihc_rgb, nuclei=None, thresholds: Sequence[float] = DEFAULT_DAB_THRE
     dab = rgb2hed(image)[..., 2]
     mean_dab = np.asarray(ndi.mean(dab, labels=nuclei, index=label_ids))  # (n_nuclei,)
     # 0 negative, 1 weak, 2 moderate, 3 strong; a value equal to a threshold takes the upper class
-    intensity_class = np.digitize(mean_dab, thresholds)
-    counts = np.bincount(intensity_class, minlength=4)
-    n_nuclei = int(label_ids.size)
-    pct = 100.0 * counts / n_nuclei
+    return {**h_score_from_classes(np.digitize(mean_dab, thresholds)), "thresholds": thresholds}
+
+
+def h_score_from_classes(intensity_class: np.ndarray) -> dict:
+    """H-score = %weak + 2·%moderate + 3·%strong (0–300) of per-nucleus classes 0 negative … 3 strong,
+    with the percentages and counts of each class (what :func:`h_score` returns, without thresholds)."""
+    counts = np.bincount(np.asarray(intensity_class, dtype=np.int64), minlength=4)[:4]
+    n_nuclei = int(counts.sum())
+    pct = 100.0 * counts / max(n_nuclei, 1)
     return {
         "h_score": float(pct[1] + 2 * pct[2] + 3 * pct[3]),
         "pct_negative": float(pct[0]),
@@ -322,7 +359,6 @@ def h_score(ihc_rgb, nuclei=None, thresholds: Sequence[float] = DEFAULT_DAB_THRE
         "n_weak": int(counts[1]),
         "n_moderate": int(counts[2]),
         "n_strong": int(counts[3]),
-        "thresholds": thresholds,
     }
 
 
@@ -352,8 +388,7 @@ def pearson_per_gene(pred, true) -> np.ndarray:
     pred = _as_dense_matrix(pred, "pred")
     true = _as_dense_matrix(true, "true")
     if pred.shape != true.shape:
-        raise InputError(None, "true", f"the same (n_cells, n_genes) shape as pred {pred.shape}",
-                         f"shape {true.shape}")
+        raise InputError(None, "true", f"the same (n_cells, n_genes) shape as pred {pred.shape}", f"shape {true.shape}")
     if pred.shape[0] < 2:
         raise InputError(None, "pred", "at least 2 cells to correlate over", f"{pred.shape[0]}")
     pred_centred = pred - pred.mean(axis=0)
@@ -363,8 +398,7 @@ def pearson_per_gene(pred, true) -> np.ndarray:
     defined = (np.ptp(pred, axis=0) > 0) & (np.ptp(true, axis=0) > 0)
     correlation = np.full(pred.shape[1], np.nan)
     numerator = np.sum(pred_centred[:, defined] * true_centred[:, defined], axis=0)
-    denominator = np.sqrt(np.sum(pred_centred[:, defined] ** 2, axis=0)
-                          * np.sum(true_centred[:, defined] ** 2, axis=0))
+    denominator = np.sqrt(np.sum(pred_centred[:, defined] ** 2, axis=0) * np.sum(true_centred[:, defined] ** 2, axis=0))
     correlation[defined] = np.clip(numerator / denominator, -1.0, 1.0)
     return correlation
 

@@ -21,6 +21,7 @@ Pieces, each usable alone:
 - :func:`write_multichannel_ome_tiff` — a (C, Y, X) float32/uint16 OME-TIFF pyramid with channel names;
 - :func:`predict_slide_to_ome_tiff` — the whole thing for an H&E slide file.
 """
+
 from __future__ import annotations
 
 import logging
@@ -143,8 +144,9 @@ def array_tile_reader(image: np.ndarray, fill: int = 255) -> ReadTile:
     return read_tile
 
 
-def tile_tissue_fraction(origins: Sequence[tuple[int, int]], tile_px: int, mask: np.ndarray,
-                         mask_downsample: float) -> np.ndarray:
+def tile_tissue_fraction(
+    origins: Sequence[tuple[int, int]], tile_px: int, mask: np.ndarray, mask_downsample: float
+) -> np.ndarray:
     """Tissue fraction (0–1) of each tile's footprint in a (h, w) bool ``mask``.
 
     ``mask_downsample`` is image pixels per mask pixel. A summed-area table answers each tile in O(1).
@@ -219,16 +221,25 @@ def _check_mask(mask, shape_hw: tuple[int, int]) -> tuple[np.ndarray, float] | N
         array, downsample = mask
         array, downsample = np.asarray(array), float(downsample)
     except (TypeError, ValueError):
-        raise InputError(None, "mask", "a (bool (h, w) array, image px per mask px) pair",
-                         type(mask).__name__) from None
+        raise InputError(
+            None, "mask", "a (bool (h, w) array, image px per mask px) pair", type(mask).__name__
+        ) from None
     if array.ndim != 2 or array.size == 0 or not downsample > 0:
-        raise InputError(None, "mask", "a non-empty 2-D bool array and a positive downsample",
-                         f"shape {array.shape}, downsample {downsample}")
+        raise InputError(
+            None,
+            "mask",
+            "a non-empty 2-D bool array and a positive downsample",
+            f"shape {array.shape}, downsample {downsample}",
+        )
     expected = (shape_hw[0] / downsample, shape_hw[1] / downsample)
     # A thumbnail's side is rounded, so allow a couple of mask pixels either way.
     if any(abs(got - want) > 2 + 0.02 * want for got, want in zip(array.shape, expected)):
-        raise InputError(None, "mask", f"a mask of about {expected[0]:.0f} × {expected[1]:.0f} px "
-                         f"(image {shape_hw} / downsample {downsample:g})", array.shape)
+        raise InputError(
+            None,
+            "mask",
+            f"a mask of about {expected[0]:.0f} × {expected[1]:.0f} px (image {shape_hw} / downsample {downsample:g})",
+            array.shape,
+        )
     return array.astype(bool), downsample
 
 
@@ -254,8 +265,9 @@ def _read_batch(read_tile: ReadTile, origins: Sequence[tuple[int, int]], tile_px
 def _check_prediction(pred, n: int, tile_px: int, out_channels: int) -> np.ndarray:
     pred = np.asarray(pred)
     if pred.shape != (n, tile_px, tile_px, out_channels):
-        raise InputError(None, "predict_batch output", f"an array of shape ({n}, {tile_px}, {tile_px}, {out_channels})",
-                         pred.shape)
+        raise InputError(
+            None, "predict_batch output", f"an array of shape ({n}, {tile_px}, {tile_px}, {out_channels})", pred.shape
+        )
     pred = pred.astype(np.float32, copy=False)
     if not np.isfinite(pred).all():
         raise InputError(None, "predict_batch output", "finite values", "NaN or inf")
@@ -276,9 +288,19 @@ def _normalise(acc: np.ndarray, wsum: np.ndarray) -> None:
         np.divide(acc[r : r + _STRIP_ROWS], wsum[r : r + _STRIP_ROWS, :, None], out=acc[r : r + _STRIP_ROWS])
 
 
-def _stitch(read_tile: ReadTile, predict_batch: PredictBatch, shape_hw: tuple[int, int], out_channels: int,
-            tile_px: int, overlap_px: int, batch_size: int, mask, background, progress: bool,
-            scratch: _Scratch) -> tuple[np.ndarray, dict]:
+def _stitch(
+    read_tile: ReadTile,
+    predict_batch: PredictBatch,
+    shape_hw: tuple[int, int],
+    out_channels: int,
+    tile_px: int,
+    overlap_px: int,
+    batch_size: int,
+    mask,
+    background,
+    progress: bool,
+    scratch: _Scratch,
+) -> tuple[np.ndarray, dict]:
     tile_px, overlap_px = _check_tiling(tile_px, overlap_px)
     height, width = _check_shape(shape_hw)
     if isinstance(out_channels, bool) or not isinstance(out_channels, (int, np.integer)) or out_channels < 1:
@@ -306,8 +328,10 @@ def _stitch(read_tile: ReadTile, predict_batch: PredictBatch, shape_hw: tuple[in
 
     start = time.perf_counter()
     batches = [predicted[i : i + batch_size] for i in range(0, len(predicted), batch_size)]
-    with ThreadPoolExecutor(max_workers=1) as reader, \
-            tqdm(total=len(predicted), desc="predict tiles", unit="tile", disable=not progress, leave=False) as bar:
+    with (
+        ThreadPoolExecutor(max_workers=1) as reader,
+        tqdm(total=len(predicted), desc="predict tiles", unit="tile", disable=not progress, leave=False) as bar,
+    ):
         # Read the next batch in a thread while the model runs on this one (decoding overlaps compute).
         pending = reader.submit(_read_batch, read_tile, batches[0], tile_px) if batches else None
         for i, batch in enumerate(batches):
@@ -320,17 +344,39 @@ def _stitch(read_tile: ReadTile, predict_batch: PredictBatch, shape_hw: tuple[in
             bar.update(len(batch))
     _normalise(acc, wsum)
     seconds = time.perf_counter() - start
-    stats = {"tiles_predicted": len(predicted), "tiles_skipped": len(skipped), "predict_seconds": seconds,
-             "tiles_per_s": len(predicted) / seconds if seconds > 0 else float("nan")}
-    log.info("stitched %d × %d px × %d ch: %d tiles predicted, %d background tiles skipped, %.1f tiles/s",
-             height, width, out_channels, len(predicted), len(skipped), stats["tiles_per_s"])
+    stats = {
+        "tiles_predicted": len(predicted),
+        "tiles_skipped": len(skipped),
+        "predict_seconds": seconds,
+        "tiles_per_s": len(predicted) / seconds if seconds > 0 else float("nan"),
+    }
+    log.info(
+        "stitched %d × %d px × %d ch: %d tiles predicted, %d background tiles skipped, %.1f tiles/s",
+        height,
+        width,
+        out_channels,
+        len(predicted),
+        len(skipped),
+        stats["tiles_per_s"],
+    )
     return acc, stats
 
 
-def stitch_predict(read_tile: ReadTile, predict_batch: PredictBatch, shape_hw: tuple[int, int], out_channels: int,
-                   tile_px: int, overlap_px: int, batch_size: int, mask=None, progress: bool = True,
-                   accumulator_dir: str | Path | None = None, *, background=0.0,
-                   memmap_above_values: int = MEMMAP_ABOVE_VALUES) -> np.ndarray:
+def stitch_predict(
+    read_tile: ReadTile,
+    predict_batch: PredictBatch,
+    shape_hw: tuple[int, int],
+    out_channels: int,
+    tile_px: int,
+    overlap_px: int,
+    batch_size: int,
+    mask=None,
+    progress: bool = True,
+    accumulator_dir: str | Path | None = None,
+    *,
+    background=0.0,
+    memmap_above_values: int = MEMMAP_ABOVE_VALUES,
+) -> np.ndarray:
     """Predict an image tile by tile and blend the tiles into one float32 (H, W, C) array.
 
     ``read_tile(y0, x0, tile_px)`` returns uint8 (tile, tile, 3) (a smaller array at the image
@@ -343,8 +389,19 @@ def stitch_predict(read_tile: ReadTile, predict_batch: PredictBatch, shape_hw: t
     the returned array is then that memmap (still readable on POSIX after the unlink).
     """
     with _Scratch(accumulator_dir, memmap_above_values) as scratch:
-        result, _ = _stitch(read_tile, predict_batch, shape_hw, out_channels, tile_px, overlap_px, batch_size,
-                            mask, background, progress, scratch)
+        result, _ = _stitch(
+            read_tile,
+            predict_batch,
+            shape_hw,
+            out_channels,
+            tile_px,
+            overlap_px,
+            batch_size,
+            mask,
+            background,
+            progress,
+            scratch,
+        )
     return result
 
 
@@ -376,8 +433,9 @@ def downsample2x_area(image: np.ndarray, out: np.ndarray | None = None) -> np.nd
     return out
 
 
-def edge_padded_tiles(image: np.ndarray, tile_px: int = TILE_PX,
-                      convert: Callable[[np.ndarray], np.ndarray] | None = None) -> Iterator[np.ndarray]:
+def edge_padded_tiles(
+    image: np.ndarray, tile_px: int = TILE_PX, convert: Callable[[np.ndarray], np.ndarray] | None = None
+) -> Iterator[np.ndarray]:
     """Full-size tiles of an (H, W, ...) image in the row-major order TIFF stores them.
 
     Edge tiles are padded by repeating the last row/column rather than with white: the padding is
@@ -395,9 +453,12 @@ def edge_padded_tiles(image: np.ndarray, tile_px: int = TILE_PX,
         yield block
 
 
-def pyramid_tiles(level0: np.ndarray, to_uint8: Callable[[np.ndarray], np.ndarray] | None = None,
-                  tile_px: int = TILE_PX, scratch: _Scratch | None = None
-                  ) -> Callable[[int, tuple[int, int]], Iterator[np.ndarray]]:
+def pyramid_tiles(
+    level0: np.ndarray,
+    to_uint8: Callable[[np.ndarray], np.ndarray] | None = None,
+    tile_px: int = TILE_PX,
+    scratch: _Scratch | None = None,
+) -> Callable[[int, tuple[int, int]], Iterator[np.ndarray]]:
     """``tiles_for_level`` for :func:`data_shards.ome_tiff.write_pyramidal_ome_tiff` from a stitched array.
 
     Level 0 tiles are converted with ``to_uint8`` (default :func:`clip_to_uint8`) tile by tile, so
@@ -411,8 +472,9 @@ def pyramid_tiles(level0: np.ndarray, to_uint8: Callable[[np.ndarray], np.ndarra
     def converted(block: np.ndarray) -> np.ndarray:
         out = np.asarray(convert(np.asarray(block)))
         if out.dtype != np.uint8 or out.shape != block.shape[:2] + (3,):
-            raise InputError(None, "to_uint8 output", f"uint8 of shape {block.shape[:2] + (3,)}",
-                             f"{out.dtype} {out.shape}")
+            raise InputError(
+                None, "to_uint8 output", f"uint8 of shape {block.shape[:2] + (3,)}", f"{out.dtype} {out.shape}"
+            )
         return out
 
     def level_array(level: int) -> np.ndarray:
@@ -442,11 +504,19 @@ def pyramid_tiles(level0: np.ndarray, to_uint8: Callable[[np.ndarray], np.ndarra
     return tiles_for_level
 
 
-def write_multichannel_ome_tiff(path: str | Path, array_hwc: np.ndarray, um_per_px: float,
-                                channel_names: Sequence[str], *, dtype: str | None = None, tile_px: int = TILE_PX,
-                                compression: str = "zlib", description: str = "virtual multiplex IF",
-                                scratch_dir: str | Path | None = None,
-                                memmap_above_values: int = MEMMAP_ABOVE_VALUES) -> Path:
+def write_multichannel_ome_tiff(
+    path: str | Path,
+    array_hwc: np.ndarray,
+    um_per_px: float,
+    channel_names: Sequence[str],
+    *,
+    dtype: str | None = None,
+    tile_px: int = TILE_PX,
+    compression: str = "zlib",
+    description: str = "virtual multiplex IF",
+    scratch_dir: str | Path | None = None,
+    memmap_above_values: int = MEMMAP_ABOVE_VALUES,
+) -> Path:
     """Write a (C, Y, X) pyramidal OME-TIFF of float32/uint16/uint8 channels with names, atomically.
 
     ``array_hwc`` (H, W, C) may be a memmap; ``dtype`` (default: the array's) is float32, uint16
@@ -483,25 +553,48 @@ def write_multichannel_ome_tiff(path: str | Path, array_hwc: np.ndarray, um_per_
         for c in range(n_channels):
             yield from edge_padded_tiles(level_array[..., c], tile_px, cast)
 
-    common = dict(dtype=out_dtype, tile=(tile_px, tile_px), photometric="minisblack", compression=compression,
-                  resolutionunit="CENTIMETER")
-    log.info("writing %s: %d channels, %d levels %s, %.4f µm/px", path.name, n_channels, len(shapes), shapes,
-             um_per_px)
-    with _Scratch(scratch_dir, memmap_above_values) as scratch, atomic_path(path) as tmp, \
-            tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
+    common = dict(
+        dtype=out_dtype,
+        tile=(tile_px, tile_px),
+        photometric="minisblack",
+        compression=compression,
+        resolutionunit="CENTIMETER",
+    )
+    log.info("writing %s: %d channels, %d levels %s, %.4f µm/px", path.name, n_channels, len(shapes), shapes, um_per_px)
+    with (
+        _Scratch(scratch_dir, memmap_above_values) as scratch,
+        atomic_path(path) as tmp,
+        tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif,
+    ):
         level_array = array_hwc
         for level, shape in enumerate(shapes):
             if level > 0:
                 # pyramid_shapes halves with floor, exactly what 2 × 2 block averaging gives.
                 level_array = downsample2x_area(level_array, scratch.zeros((*shape, n_channels), level_array.dtype))
             px_per_cm = 1e4 / (um_per_px * width / shape[1])
-            extra = (dict(subifds=len(shapes) - 1, metadata={
-                "axes": "CYX", "Name": description, "Channel": {"Name": names},
-                "PhysicalSizeX": float(um_per_px), "PhysicalSizeXUnit": "µm",
-                "PhysicalSizeY": float(um_per_px), "PhysicalSizeYUnit": "µm"})
-                if level == 0 else dict(subfiletype=1, metadata=None))
-            tif.write(planes(level_array, shape), shape=(n_channels, *shape), resolution=(px_per_cm, px_per_cm),
-                      **common, **extra)
+            extra = (
+                dict(
+                    subifds=len(shapes) - 1,
+                    metadata={
+                        "axes": "CYX",
+                        "Name": description,
+                        "Channel": {"Name": names},
+                        "PhysicalSizeX": float(um_per_px),
+                        "PhysicalSizeXUnit": "µm",
+                        "PhysicalSizeY": float(um_per_px),
+                        "PhysicalSizeYUnit": "µm",
+                    },
+                )
+                if level == 0
+                else dict(subfiletype=1, metadata=None)
+            )
+            tif.write(
+                planes(level_array, shape),
+                shape=(n_channels, *shape),
+                resolution=(px_per_cm, px_per_cm),
+                **common,
+                **extra,
+            )
     return path
 
 
@@ -515,15 +608,28 @@ def _slide_tissue_mask(slide, level: int, thumbnail_max_side: int) -> tuple[np.n
     return tissue_mask(thumbnail), thumb_downsample / slide.downsample(level)
 
 
-def predict_slide_to_ome_tiff(slide_path: str | Path, out_path: str | Path, predict_batch: PredictBatch, *,
-                              tile_px: int = 512, overlap_px: int = 64, batch_size: int = 8, level: int = 0,
-                              to_uint8: Callable[[np.ndarray], np.ndarray] | None = None, tissue_only: bool = True,
-                              progress: bool = True, description: str = "virtual IHC",
-                              channel_names: Sequence[str] | None = None, background=None,
-                              slide_um_per_px: float | None = None, quality: int = 95,
-                              multichannel_dtype: str = "float32", accumulator_dir: str | Path | None = None,
-                              memmap_above_values: int = MEMMAP_ABOVE_VALUES,
-                              thumbnail_max_side: int = 2048) -> dict:
+def predict_slide_to_ome_tiff(
+    slide_path: str | Path,
+    out_path: str | Path,
+    predict_batch: PredictBatch,
+    *,
+    tile_px: int = 512,
+    overlap_px: int = 64,
+    batch_size: int = 8,
+    level: int = 0,
+    to_uint8: Callable[[np.ndarray], np.ndarray] | None = None,
+    tissue_only: bool = True,
+    progress: bool = True,
+    description: str = "virtual IHC",
+    channel_names: Sequence[str] | None = None,
+    background=None,
+    slide_um_per_px: float | None = None,
+    quality: int = 95,
+    multichannel_dtype: str = "float32",
+    accumulator_dir: str | Path | None = None,
+    memmap_above_values: int = MEMMAP_ABOVE_VALUES,
+    thumbnail_max_side: int = 2048,
+) -> dict:
     """Run an image-to-image model over a whole H&E slide and write the stitched prediction.
 
     RGB output (``channel_names`` None; ``predict_batch`` returns 3 channels): a pyramidal, tiled,
@@ -559,21 +665,54 @@ def predict_slide_to_ome_tiff(slide_path: str | Path, out_path: str | Path, pred
             return slide.read_region(x0, y0, size, size, level=level)
 
         with _Scratch(accumulator_dir, memmap_above_values) as scratch:
-            result, stats = _stitch(read_tile, predict_batch, shape_hw, out_channels, tile_px, overlap_px, batch_size,
-                                    mask, background, progress, scratch)  # (H, W, C) float32
+            result, stats = _stitch(
+                read_tile,
+                predict_batch,
+                shape_hw,
+                out_channels,
+                tile_px,
+                overlap_px,
+                batch_size,
+                mask,
+                background,
+                progress,
+                scratch,
+            )  # (H, W, C) float32
             if channel_names is None:
                 tiles_for_level = pyramid_tiles(result, to_uint8, TILE_PX, scratch)
-                write_pyramidal_ome_tiff(out_path, shape_hw, um_per_px, tiles_for_level, quality=quality,
-                                         tile_px=TILE_PX, description=description, progress=progress)
+                write_pyramidal_ome_tiff(
+                    out_path,
+                    shape_hw,
+                    um_per_px,
+                    tiles_for_level,
+                    quality=quality,
+                    tile_px=TILE_PX,
+                    description=description,
+                    progress=progress,
+                )
             else:
-                write_multichannel_ome_tiff(out_path, result, um_per_px, channel_names, dtype=multichannel_dtype,
-                                            description=description, scratch_dir=accumulator_dir,
-                                            memmap_above_values=memmap_above_values)
+                write_multichannel_ome_tiff(
+                    out_path,
+                    result,
+                    um_per_px,
+                    channel_names,
+                    dtype=multichannel_dtype,
+                    description=description,
+                    scratch_dir=accumulator_dir,
+                    memmap_above_values=memmap_above_values,
+                )
     summary = {
-        "out_path": str(out_path), "slide_path": str(slide_path), "shape_hw": [int(v) for v in shape_hw],
+        "out_path": str(out_path),
+        "slide_path": str(slide_path),
+        "shape_hw": [int(v) for v in shape_hw],
         "channels": list(channel_names) if channel_names is not None else ["R", "G", "B"],
-        "um_per_px": um_per_px, "level": int(level), "levels": len(pyramid_shapes(*shape_hw)),
-        "tile_px": tile_px, "overlap_px": overlap_px, **stats, "seconds": time.perf_counter() - start,
+        "um_per_px": um_per_px,
+        "level": int(level),
+        "levels": len(pyramid_shapes(*shape_hw)),
+        "tile_px": tile_px,
+        "overlap_px": overlap_px,
+        **stats,
+        "seconds": time.perf_counter() - start,
     }
     log.info("%s → %s: %d tiles in %.1f s", slide_path.name, out_path, stats["tiles_predicted"], summary["seconds"])
     return summary

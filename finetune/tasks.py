@@ -9,6 +9,7 @@ which checks its config the same way (``apply_schema``) when called from a noteb
 
 Only the chosen task's package is imported (each head pulls in its own heavy libraries).
 """
+
 from __future__ import annotations
 
 import difflib

@@ -10,6 +10,7 @@ vocabulary, technology mean) and a README.md model card; see pretrain/export/. O
 apply to the run config saved with the checkpoint (or to --config) and are checked against
 pretrain.config.PretrainConfig before anything is read or written.
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -30,10 +31,17 @@ def main() -> int:
     parser.add_argument("--no-verify", action="store_true", help="skip reloading the export and comparing embeddings")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the run config")
     args = parser.parse_args()
-    return run_entry(lambda: export_main(
-        args.checkpoint, args.out, tag=args.tag, config=args.config, manifest=args.manifest,
-        overrides=args.overrides, verify=not args.no_verify,
-    ))
+    return run_entry(
+        lambda: export_main(
+            args.checkpoint,
+            args.out,
+            tag=args.tag,
+            config=args.config,
+            manifest=args.manifest,
+            overrides=args.overrides,
+            verify=not args.no_verify,
+        )
+    )
 
 
 if __name__ == "__main__":

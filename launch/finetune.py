@@ -8,6 +8,7 @@
 
 Each task's settings are a typed schema (``finetune.tasks.TASKS``); unknown keys are refused.
 """
+
 import argparse
 import sys
 from pathlib import Path

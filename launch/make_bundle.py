@@ -4,6 +4,7 @@
 
 Settings: the ``bundle`` section of a data config (``data_shards.schema.BundleConfig``).
 """
+
 import argparse
 import sys
 from pathlib import Path

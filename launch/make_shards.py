@@ -9,6 +9,7 @@
 
 Settings: a data config (``data_shards.schema.DataConfig``); unknown keys are refused.
 """
+
 import argparse
 import sys
 from pathlib import Path

@@ -8,6 +8,7 @@
 Overrides are OmegaConf dot-lists, e.g. ``resume=latest train.max_steps=100 out_dir=runs/x``; the
 settings are ``pretrain.config.PretrainConfig`` (unknown keys are refused before anything starts).
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -21,7 +22,9 @@ from pretrain.train import main as train_main  # noqa: E402
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="configs/pretrain/<name>.yaml")
-    parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher (LOCAL_RANK is used)")
+    parser.add_argument(
+        "--local_rank", type=int, default=None, help="set by the deepspeed launcher (LOCAL_RANK is used)"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args()
     return run_entry(lambda: train_main(args.config, args.overrides))

@@ -23,6 +23,7 @@ Colour jitter: brightness (multiply), contrast (blend with the image's mean grey
 between H&E slides. Together they are one affine map per image (:meth:`ColourDraw.affine`), which
 :mod:`pretrain.collate` folds with the normalisation so the pixels are touched only a few times.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields

@@ -16,6 +16,7 @@ ranks are still writing theirs, and not atomically. Here every rank saves with
 ``latest`` in one rename, and only then may old tags be pruned. A crash at any moment therefore
 leaves ``latest`` naming a complete checkpoint, or absent before the first one.
 """
+
 from __future__ import annotations
 
 import json
@@ -129,7 +130,9 @@ def prune_checkpoints(ckpt_dir: str | Path, keep_last: int) -> list[str]:
     """Delete all but the newest ``keep_last`` step folders; never the one ``latest`` names."""
     ckpt_dir = Path(ckpt_dir)
     latest = read_latest(ckpt_dir)
-    tags = sorted((p.name for p in ckpt_dir.iterdir() if p.is_dir() and step_of_tag(p.name) is not None), key=step_of_tag)
+    tags = sorted(
+        (p.name for p in ckpt_dir.iterdir() if p.is_dir() and step_of_tag(p.name) is not None), key=step_of_tag
+    )
     doomed = [t for t in tags[: max(0, len(tags) - keep_last)] if t != latest]
     for tag in doomed:
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
@@ -140,7 +143,9 @@ def load_checkpoint(engine: Any, ckpt_dir: str | Path, tag: str, *, load_optimiz
     """Load ``tag`` into the engine (all ranks); return the client state saved with it."""
     ckpt_dir = Path(ckpt_dir)
     load_path, client_state = engine.load_checkpoint(
-        str(ckpt_dir), tag=tag, load_optimizer_states=load_optimizer_states,
+        str(ckpt_dir),
+        tag=tag,
+        load_optimizer_states=load_optimizer_states,
         load_lr_scheduler_states=load_optimizer_states,
     )
     if load_path is None:
@@ -148,6 +153,8 @@ def load_checkpoint(engine: Any, ckpt_dir: str | Path, tag: str, *, load_optimiz
     if not client_state or "step" not in client_state:
         json_path = ckpt_dir / tag / CLIENT_STATE_NAME
         if not json_path.is_file():
-            raise InputError(ckpt_dir / tag, "client_state", "the training position saved with the checkpoint", "missing")
+            raise InputError(
+                ckpt_dir / tag, "client_state", "the training position saved with the checkpoint", "missing"
+            )
         client_state = json.loads(json_path.read_text())
     return client_state

@@ -11,6 +11,7 @@ Batch dict (what ``pretrain.models`` consumes), B cells, N = total neighbours of
   ``batch`` vector), non-decreasing;
 * ``meta``: list of B dicts (the sample's json), ``key``: list of B str.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -109,8 +110,12 @@ class BatchAssembler:
                 # faults measured ~3x cheaper than on a fresh torch.empty of the same 38 MB batch.
                 images = torch.from_numpy(np.empty((len(raws), 3, height, width), dtype=np.float32))  # (B, 3, H, W)
             elif sample.image.shape[:2] != tuple(images.shape[2:]):
-                raise InputError(raw.get("__url__"), f"{sample.key}.jpg", f"crops of {tuple(images.shape[2:])} px "
-                                 "like the rest of the batch", sample.image.shape[:2])
+                raise InputError(
+                    raw.get("__url__"),
+                    f"{sample.key}.jpg",
+                    f"crops of {tuple(images.shape[2:])} px like the rest of the batch",
+                    sample.image.shape[:2],
+                )
             flip, turns = draw_dihedral(self.dihedral_rng, self.augment)
             self._write_image(images[i].numpy(), sample.image, flip, turns)
             tokens.append(sample.tokens)

@@ -11,6 +11,7 @@ The ``model`` section is left open here: :func:`pretrain.models.resolve_model_co
 against ``pretrain.models.DEFAULT_MODEL_CONFIG`` (its keys, defaults and table live there).
 ``deepspeed.overrides`` belongs to DeepSpeed's JSON config and is checked by DeepSpeed.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

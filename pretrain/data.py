@@ -40,6 +40,7 @@ longer read disjoint shards.
 Epochs: call ``loader.set_epoch(epoch)`` (or pass ``epoch=``) before iterating; workers are not
 persistent, so each ``iter(loader)`` starts them with the current epoch.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -232,9 +233,15 @@ class ShardStream(IterableDataset):
 
     def plan(self, num_workers: int | None = None) -> RankPlan:
         return plan_rank(
-            self.shard_sizes, self.batch_size, rank=self.rank, world_size=self.world_size,
+            self.shard_sizes,
+            self.batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
             num_workers=self.num_workers if num_workers is None else num_workers,
-            epoch=self.epoch, seed=self.seed, steps=self.steps_per_epoch, resample=self.resample,
+            epoch=self.epoch,
+            seed=self.seed,
+            steps=self.steps_per_epoch,
+            resample=self.resample,
         )
 
     def _seed(self, purpose: int, worker: int, pass_: int = 0) -> int:
@@ -262,8 +269,13 @@ class ShardStream(IterableDataset):
             if count == 0:
                 raise InputError(self.shard_paths[order[0]], None, "samples in the worker's shards", "empty tar files")
             if count != expected:
-                log.warning("rank %d worker %d read %d samples from shards the manifest says hold %d",
-                            self.rank, worker, count, expected)
+                log.warning(
+                    "rank %d worker %d read %d samples from shards the manifest says hold %d",
+                    self.rank,
+                    worker,
+                    count,
+                    expected,
+                )
 
     def _resampled(self, worker: int) -> Iterator[dict]:
         rng = np.random.default_rng(self._seed(_RESAMPLE, worker))
@@ -277,8 +289,15 @@ class ShardStream(IterableDataset):
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         plan = self.plan(workers)
         quota = plan.worker_batches[worker]
-        log.debug("rank %d epoch %d worker %d/%d: %d batches from shards %s",
-                  self.rank, self.epoch, worker, workers, quota, plan.worker_shards[worker])
+        log.debug(
+            "rank %d epoch %d worker %d/%d: %d batches from shards %s",
+            self.rank,
+            self.epoch,
+            worker,
+            workers,
+            quota,
+            plan.worker_shards[worker],
+        )
         if quota == 0:
             return iter(())
         samples = self._resampled(worker) if self.resample else self._passes(plan.worker_shards[worker], worker)
@@ -286,7 +305,9 @@ class ShardStream(IterableDataset):
             self.augment,
             dihedral_rng=np.random.default_rng(self._seed(_DIHEDRAL, worker)),
             colour_rng=np.random.default_rng(self._seed(_COLOUR, worker)),
-            image_mean=self.image_mean, image_std=self.image_std, decoder=self.decoder,
+            image_mean=self.image_mean,
+            image_std=self.image_std,
+            decoder=self.decoder,
         )
         pipeline = wds.DataPipeline(
             lambda: samples,  # raw bytes, shuffled
@@ -344,24 +365,51 @@ def make_loader(
         raise InputError(None, "rank", f"0 <= rank < world_size={world_size}", rank)
     n_shards = len(manifest["shards"])
     if not resample and n_shards < world_size:
-        raise InputError(manifest_path, "shards", f"at least world_size={world_size} shards without resampling "
-                         "(or resample=True)", n_shards)
+        raise InputError(
+            manifest_path,
+            "shards",
+            f"at least world_size={world_size} shards without resampling (or resample=True)",
+            n_shards,
+        )
     if steps_per_epoch is None:
         steps_per_epoch = steps_per_epoch_for(int(manifest["n_samples"]), batch_size, world_size, drop_last)
     if steps_per_epoch < 1:
-        raise InputError(manifest_path, "n_samples", f"at least one global batch of {batch_size} x {world_size} cells",
-                         manifest["n_samples"])
+        raise InputError(
+            manifest_path,
+            "n_samples",
+            f"at least one global batch of {batch_size} x {world_size} cells",
+            manifest["n_samples"],
+        )
     dataset = ShardStream(
-        manifest, batch_size, rank=rank, world_size=world_size, steps_per_epoch=steps_per_epoch, epoch=epoch,
-        seed=seed, num_workers=num_workers, shuffle_buffer=shuffle_buffer, resample=resample,
-        augment=parse_augment(augment), image_mean=image_mean, image_std=image_std, decoder=decoder,
+        manifest,
+        batch_size,
+        rank=rank,
+        world_size=world_size,
+        steps_per_epoch=steps_per_epoch,
+        epoch=epoch,
+        seed=seed,
+        num_workers=num_workers,
+        shuffle_buffer=shuffle_buffer,
+        resample=resample,
+        augment=parse_augment(augment),
+        image_mean=image_mean,
+        image_std=image_std,
+        decoder=decoder,
     )
     plan = dataset.plan()
     if num_workers > 0 and 0 in plan.worker_batches:
-        log.warning("rank %d: %d of %d workers have no shards this epoch (fewer shards than workers)",
-                    rank, plan.worker_batches.count(0), num_workers)
+        log.warning(
+            "rank %d: %d of %d workers have no shards this epoch (fewer shards than workers)",
+            rank,
+            plan.worker_batches.count(0),
+            num_workers,
+        )
     loader = EpochLoader(
-        dataset, batch_size=None, collate_fn=_as_is, num_workers=num_workers, pin_memory=pin_memory,
+        dataset,
+        batch_size=None,
+        collate_fn=_as_is,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
         persistent_workers=False,
     )
     return loader, steps_per_epoch

@@ -14,6 +14,7 @@ The keys the training loop owns come from ``train.*`` and may be left out of the
 The JSON may not define an optimizer or a scheduler: the loop builds AdamW and the warm-up + cosine
 schedule (:mod:`pretrain.schedule`) itself.
 """
+
 from __future__ import annotations
 
 import logging
@@ -85,12 +86,20 @@ def build_deepspeed_config(cfg: DictConfig, world_size: int, bf16: bool) -> dict
         ds[key] = owned[key]
     for key in ("optimizer", "scheduler"):
         if key in ds:
-            raise InputError(path or "deepspeed.overrides", key, "no optimizer/scheduler section (the loop builds AdamW "
-                             "and the warm-up + cosine schedule from train.*)", ds[key])
+            raise InputError(
+                path or "deepspeed.overrides",
+                key,
+                "no optimizer/scheduler section (the loop builds AdamW and the warm-up + cosine schedule from train.*)",
+                ds[key],
+            )
     given_bf16 = (ds.get("bf16") or {}).get("enabled", "auto")
     if given_bf16 != "auto" and bool(given_bf16) != bool(bf16):
-        raise InputError(path or "deepspeed.overrides", "bf16.enabled", f"'auto' or {bool(bf16)} (train.precision="
-                         f"{train.precision} on this accelerator)", given_bf16)
+        raise InputError(
+            path or "deepspeed.overrides",
+            "bf16.enabled",
+            f"'auto' or {bool(bf16)} (train.precision={train.precision} on this accelerator)",
+            given_bf16,
+        )
     ds["bf16"] = {**(ds.get("bf16") or {}), "enabled": bool(bf16)}
     if ds.get("fp16", {}).get("enabled"):
         raise InputError(path or "deepspeed.overrides", "fp16.enabled", "false (the loop uses bf16 or fp32)", True)

@@ -9,6 +9,7 @@ under `deepspeed`.
 SUM over ranks of the gradients that flowed into its own slice. That is what makes
 "each rank computes its block of rows of the global loss" add up to the full-batch gradient.
 """
+
 from __future__ import annotations
 
 import torch

@@ -43,6 +43,7 @@ its rows, so the full-batch loss is L = mean_r L_r; all_gather's backward sends 
 gives exactly ∂L/∂θ. The VALUE returned is the global L on every rank (L_r plus a detached
 correction), so logging and tests see the same number as a single process holding the batch.
 """
+
 from __future__ import annotations
 
 import math
@@ -121,7 +122,9 @@ def _check_embedding_pair(img_emb: torch.Tensor, cell_emb: torch.Tensor, check_n
             raise InputError(None, name, "a floating-point tensor", emb.dtype)
     if img_emb.shape != cell_emb.shape:
         raise InputError(
-            None, "img_emb/cell_emb", "the same (B, D) shape for both modalities",
+            None,
+            "img_emb/cell_emb",
+            "the same (B, D) shape for both modalities",
             (tuple(img_emb.shape), tuple(cell_emb.shape)),
         )
     if check_normalized:  # costs a device sync, so only on request
@@ -129,7 +132,9 @@ def _check_embedding_pair(img_emb: torch.Tensor, cell_emb: torch.Tensor, check_n
             norms = emb.detach().float().norm(dim=-1)
             if not torch.allclose(norms, torch.ones_like(norms), atol=1e-3):
                 raise InputError(
-                    None, name, "L2-normalised rows (norm 1)",
+                    None,
+                    name,
+                    "L2-normalised rows (norm 1)",
                     f"norms in [{norms.min().item():.4g}, {norms.max().item():.4g}]",
                 )
 

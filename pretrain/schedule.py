@@ -12,6 +12,7 @@ The loss's target mix λ (``loss.target_mix``) follows its own linear ramp, :fun
 The scheduler object derives the rate from the step alone (its state is the step), so a resumed
 run sets exactly the rate an uninterrupted run would have at that step.
 """
+
 from __future__ import annotations
 
 import math
@@ -98,8 +99,12 @@ class WarmupCosineSchedule(LambdaLR):
 
     def lr_at(self, step: int) -> float:
         return warmup_cosine_lr(
-            step, peak_lr=self.peak_lr, warmup_steps=self.warmup_steps, total_steps=self.total_steps,
-            start_lr=self.start_lr, final_lr=self.final_lr,
+            step,
+            peak_lr=self.peak_lr,
+            warmup_steps=self.warmup_steps,
+            total_steps=self.total_steps,
+            start_lr=self.start_lr,
+            final_lr=self.final_lr,
         )
 
     @property

@@ -4,6 +4,7 @@ Throughput is measured per optimizer step on every rank (samples this rank proce
 time of the step, and the part of that time spent waiting for the data loader), gathered to all
 ranks at each logging step so rank 0 can write the total, the per-rank values and their spread.
 """
+
 from __future__ import annotations
 
 import collections
@@ -65,8 +66,11 @@ def gather_floats(values: list[float], device: torch.device) -> torch.Tensor:
 
 
 def throughput_scalars(
-    per_rank: torch.Tensor, global_batch: int, per_rank_limit: int = 16,
-    flops_per_sample: float | None = None, peak_flops_per_device: float | None = None,
+    per_rank: torch.Tensor,
+    global_batch: int,
+    per_rank_limit: int = 16,
+    flops_per_sample: float | None = None,
+    peak_flops_per_device: float | None = None,
 ) -> dict[str, float]:
     """Scalars from the gathered (world_size, 3) [samples/s, data wait s, step time s] of a step.
 

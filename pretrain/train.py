@@ -5,6 +5,7 @@
 are :class:`pretrain.config.PretrainConfig`; DeepSpeed's config is built by
 :mod:`pretrain.deepspeed_config`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,8 +21,16 @@ from .trainer import Trainer, run
 from .training_module import PASTTrainingModule, parameter_groups, resolve_model_section
 
 __all__ = [
-    "PASTTrainingModule", "PretrainConfig", "Trainer", "build_deepspeed_config", "main", "parameter_groups",
-    "resolve_model_section", "run", "target_mix_at", "use_bf16",
+    "PASTTrainingModule",
+    "PretrainConfig",
+    "Trainer",
+    "build_deepspeed_config",
+    "main",
+    "parameter_groups",
+    "resolve_model_section",
+    "run",
+    "target_mix_at",
+    "use_bf16",
 ]
 
 

@@ -27,6 +27,7 @@ Outputs under ``out_dir``: ``config.yaml`` (resolved), ``checkpoints/`` (see
 :mod:`pretrain.checkpoint`), ``tensorboard/``, ``final_metrics.json`` and, with
 ``debug.log_samples``, ``debug/samples_rank<r>.jsonl`` (the sample keys each rank trained on).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -102,7 +103,9 @@ class Trainer:
         resolve_model_config(cfg.model)  # unknown model.* keys are refused now, not after the process group
         self.micro, self.accum = int(cfg.train.micro_batch_size), int(cfg.train.grad_accumulation)
         if self.micro < 1 or self.accum < 1:
-            raise InputError(None, "train.micro_batch_size/grad_accumulation", "positive integers", (self.micro, self.accum))
+            raise InputError(
+                None, "train.micro_batch_size/grad_accumulation", "positive integers", (self.micro, self.accum)
+            )
         self.data_seed = int(cfg.data.seed if cfg.data.seed is not None else cfg.seed)
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
@@ -161,12 +164,17 @@ class Trainer:
         else:
             steps_per_epoch = steps_per_epoch_for(int(manifest["n_samples"]), self.micro, self.world_size) // self.accum
         if steps_per_epoch < 1:
-            raise InputError(cfg.data.manifest, "n_samples", f"at least one global batch of {self.global_batch} cells "
-                             f"(micro {self.micro} x accumulation {self.accum} x {self.world_size} ranks)",
-                             manifest["n_samples"])
+            raise InputError(
+                cfg.data.manifest,
+                "n_samples",
+                f"at least one global batch of {self.global_batch} cells "
+                f"(micro {self.micro} x accumulation {self.accum} x {self.world_size} ranks)",
+                manifest["n_samples"],
+            )
         total_steps = int(train.max_steps) if train.max_steps else int(train.epochs) * steps_per_epoch
-        warmup_steps = (int(train.warmup_steps) if train.warmup_steps is not None
-                        else round(train.warmup_epochs * steps_per_epoch))
+        warmup_steps = (
+            int(train.warmup_steps) if train.warmup_steps is not None else round(train.warmup_epochs * steps_per_epoch)
+        )
         check_schedule(train.lr, warmup_steps, total_steps, train.start_lr, train.final_lr)
         mix = cfg.loss.target_mix
         mix_ramp_steps = round(float(mix.ramp_epochs) * steps_per_epoch)
@@ -188,18 +196,28 @@ class Trainer:
         ds_config = build_deepspeed_config(cfg, self.world_size, self.bf16)
         self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
         optimizer = torch.optim.AdamW(
-            parameter_groups(module, float(train.weight_decay)), lr=float(train.start_lr),
-            betas=tuple(train.betas), eps=float(train.eps),
+            parameter_groups(module, float(train.weight_decay)),
+            lr=float(train.start_lr),
+            betas=tuple(train.betas),
+            eps=float(train.eps),
         )
 
         def make_schedule(opt: torch.optim.Optimizer) -> WarmupCosineSchedule:
             return WarmupCosineSchedule(
-                opt, peak_lr=float(train.lr), warmup_steps=plan.warmup_steps, total_steps=plan.total_steps,
-                start_lr=float(train.start_lr), final_lr=float(train.final_lr),
+                opt,
+                peak_lr=float(train.lr),
+                warmup_steps=plan.warmup_steps,
+                total_steps=plan.total_steps,
+                start_lr=float(train.start_lr),
+                final_lr=float(train.final_lr),
             )
 
         self.engine, _, _, self.schedule = deepspeed.initialize(
-            model=module, optimizer=optimizer, lr_scheduler=make_schedule, config=ds_config, dist_init_required=False,
+            model=module,
+            optimizer=optimizer,
+            lr_scheduler=make_schedule,
+            config=ds_config,
+            dist_init_required=False,
         )
         self.float_dtype = torch.bfloat16 if self.bf16 else torch.float32
 
@@ -209,18 +227,30 @@ class Trainer:
         if tag is None:
             return
         state = ckpt.load_checkpoint(self.engine, self.ckpt_dir, tag)
-        pos = self.position = Position(int(state["step"]), int(state["epoch"]), int(state["micro_in_epoch"]),
-                                       int(state.get("samples_seen", 0)))
-        if (int(state.get("data_seed", self.data_seed)) != self.data_seed
-                or int(state.get("micro_per_epoch", self.plan.micro_per_epoch)) != self.plan.micro_per_epoch):
+        pos = self.position = Position(
+            int(state["step"]), int(state["epoch"]), int(state["micro_in_epoch"]), int(state.get("samples_seen", 0))
+        )
+        if (
+            int(state.get("data_seed", self.data_seed)) != self.data_seed
+            or int(state.get("micro_per_epoch", self.plan.micro_per_epoch)) != self.plan.micro_per_epoch
+        ):
             log.warning("resuming %s with a different data seed or epoch length: the data order will differ", tag)
         if int(state.get("world_size", self.world_size)) != self.world_size:
-            log.warning("resuming %s saved with %s ranks on %d ranks: each rank's shard split changes",
-                        tag, state.get("world_size"), self.world_size)
+            log.warning(
+                "resuming %s saved with %s ranks on %d ranks: each rank's shard split changes",
+                tag,
+                state.get("world_size"),
+                self.world_size,
+            )
         self.schedule.set_step(pos.step)
         self.last_saved_step = pos.step
-        log.info("resumed from %s: step %d, epoch %d, micro batch %d of the epoch", tag, pos.step, pos.epoch,
-                 pos.micro_in_epoch)
+        log.info(
+            "resumed from %s: step %d, epoch %d, micro batch %d of the epoch",
+            tag,
+            pos.step,
+            pos.epoch,
+            pos.micro_in_epoch,
+        )
 
     def _prepare_outputs(self) -> None:
         plan = self.plan
@@ -229,19 +259,38 @@ class Trainer:
             save_config(self.cfg, self.out_dir / "config.yaml")
             log.info(
                 "training %d steps (%d per epoch, warm-up %d) on %d ranks [%s, %s, ZeRO-%d]: global batch %d = micro %d "
-                "x accumulation %d x %d ranks; negatives per loss %d", plan.total_steps, plan.steps_per_epoch,
-                plan.warmup_steps, self.world_size, self.backend, "bf16" if self.bf16 else "fp32", self.zero_stage,
-                self.global_batch, self.micro, self.accum, self.world_size, self.global_micro,
+                "x accumulation %d x %d ranks; negatives per loss %d",
+                plan.total_steps,
+                plan.steps_per_epoch,
+                plan.warmup_steps,
+                self.world_size,
+                self.backend,
+                "bf16" if self.bf16 else "fp32",
+                self.zero_stage,
+                self.global_batch,
+                self.micro,
+                self.accum,
+                self.world_size,
+                self.global_micro,
             )
 
     def _build_loader(self) -> None:
         data = self.cfg.data
         augment = OmegaConf.to_container(data.augment) if isinstance(data.augment, DictConfig) else data.augment
         self.loader, _ = make_loader(
-            data.manifest, self.micro, rank=self.rank, world_size=self.world_size, epoch=self.position.epoch,
-            seed=self.data_seed, num_workers=int(data.num_workers), shuffle_buffer=int(data.shuffle_buffer),
-            resample=bool(data.resample), augment=augment, steps_per_epoch=self.plan.micro_per_epoch,
-            decoder=data.decoder, pin_memory=self.device.type == "cuda",
+            data.manifest,
+            self.micro,
+            rank=self.rank,
+            world_size=self.world_size,
+            epoch=self.position.epoch,
+            seed=self.data_seed,
+            num_workers=int(data.num_workers),
+            shuffle_buffer=int(data.shuffle_buffer),
+            resample=bool(data.resample),
+            augment=augment,
+            steps_per_epoch=self.plan.micro_per_epoch,
+            decoder=data.decoder,
+            pin_memory=self.device.type == "cuda",
         )
 
     def _build_logging(self) -> None:
@@ -254,10 +303,14 @@ class Trainer:
         peak = cfg.log.peak_tflops_per_device
         self.peak_flops = float(peak) * 1e12 if peak else None
         # purge_step: TensorBoard drops what a crashed run logged after the checkpoint we resume from.
-        self.writer = ScalarWriter(self.out_dir / "tensorboard", enabled=self.is_rank0,
-                                   purge_step=self.position.step + 1 if self.resume_tag else None)
+        self.writer = ScalarWriter(
+            self.out_dir / "tensorboard",
+            enabled=self.is_rank0,
+            purge_step=self.position.step + 1 if self.resume_tag else None,
+        )
         self.sample_log = _SampleLog(
-            self.out_dir / "debug" / f"samples_rank{self.rank}.jsonl" if cfg.debug.log_samples else None)
+            self.out_dir / "debug" / f"samples_rank{self.rank}.jsonl" if cfg.debug.log_samples else None
+        )
         self.window = WindowMean(int(cfg.log.window_steps))
         self.timer = StepTimer()
         self.start_time = time.perf_counter()
@@ -273,15 +326,27 @@ class Trainer:
         lr = self.schedule.lr
         out = self.engine(_to_device(batch, self.device, self.float_dtype))
         target_mix = target_mix_at(pos.step, mix.start, mix.end, plan.mix_ramp_steps)
-        loss = similarity_adjusted_loss(out["img_emb"], out["cell_emb"], out["temperature"],
-                                        detach_targets=bool(self.cfg.loss.detach_targets), target_mix=target_mix)
+        loss = similarity_adjusted_loss(
+            out["img_emb"],
+            out["cell_emb"],
+            out["temperature"],
+            detach_targets=bool(self.cfg.loss.detach_targets),
+            target_mix=target_mix,
+        )
         self.engine.backward(loss)
         self.engine.step()
         acc = retrieval_accuracy(out["img_emb"].detach(), out["cell_emb"].detach())
         self._step_loss += float(loss.detach()) / self.accum
         self._step_acc = [self._step_acc[0] + acc[0] / self.accum, self._step_acc[1] + acc[1] / self.accum]
-        self.sample_log.write({"step": pos.step + 1, "epoch": pos.epoch, "micro": pos.micro_in_epoch, "lr": lr,
-                               "keys": list(batch["key"])})
+        self.sample_log.write(
+            {
+                "step": pos.step + 1,
+                "epoch": pos.epoch,
+                "micro": pos.micro_in_epoch,
+                "lr": lr,
+                "keys": list(batch["key"]),
+            }
+        )
         pos.micro_in_epoch += 1
         if pos.micro_in_epoch % self.accum:
             return None
@@ -292,8 +357,11 @@ class Trainer:
         pos.samples_seen += self.global_batch
         self.steps_this_run += 1
         figures = {
-            "loss": self._step_loss, "acc_img_to_cell": self._step_acc[0], "acc_cell_to_img": self._step_acc[1],
-            "lr": lr, "target_mix": target_mix,
+            "loss": self._step_loss,
+            "acc_img_to_cell": self._step_acc[0],
+            "acc_cell_to_img": self._step_acc[1],
+            "lr": lr,
+            "target_mix": target_mix,
             "tau": float(out["temperature"].detach()),  # from the forward: works with partitioned (ZeRO-3) weights
         }
         self._step_loss, self._step_acc = 0.0, [0.0, 0.0]
@@ -309,8 +377,14 @@ class Trainer:
         cfg, pos, plan, timer = self.cfg, self.position, self.plan, self.timer
         log_every = max(1, int(cfg.log.every_steps))
         every_ckpt = int(cfg.checkpoint.every_steps or 0)
-        progress = tqdm(total=plan.total_steps, initial=pos.step, disable=not self.is_rank0, desc="pretrain",
-                        unit="step", dynamic_ncols=True)
+        progress = tqdm(
+            total=plan.total_steps,
+            initial=pos.step,
+            disable=not self.is_rank0,
+            desc="pretrain",
+            unit="step",
+            dynamic_ncols=True,
+        )
         self.engine.train()
         while pos.step < plan.total_steps:
             self.loader.set_epoch(pos.epoch)
@@ -328,13 +402,21 @@ class Trainer:
                 if figures is None:
                     continue
                 step_time = timer.elapsed_s()
-                self.window.add(loss=figures["loss"], acc_img_to_cell=figures["acc_img_to_cell"],
-                                acc_cell_to_img=figures["acc_cell_to_img"], tau=figures["tau"])
+                self.window.add(
+                    loss=figures["loss"],
+                    acc_img_to_cell=figures["acc_img_to_cell"],
+                    acc_cell_to_img=figures["acc_cell_to_img"],
+                    tau=figures["tau"],
+                )
                 if pos.step % log_every == 0 or pos.step == plan.total_steps:
                     self._write_scalars(figures, step_time)
-                progress.set_postfix(loss=f"{figures['loss']:.3f}", acc=f"{figures['acc_img_to_cell']:.2f}/"
-                                     f"{figures['acc_cell_to_img']:.2f}", lr=f"{figures['lr']:.2e}",
-                                     tau=f"{figures['tau']:.3f}", refresh=False)
+                progress.set_postfix(
+                    loss=f"{figures['loss']:.3f}",
+                    acc=f"{figures['acc_img_to_cell']:.2f}/{figures['acc_cell_to_img']:.2f}",
+                    lr=f"{figures['lr']:.2e}",
+                    tau=f"{figures['tau']:.3f}",
+                    refresh=False,
+                )
                 progress.update(1)
 
                 if pos.micro_in_epoch >= plan.micro_per_epoch:
@@ -349,8 +431,10 @@ class Trainer:
                 if pos.step >= plan.total_steps:
                     break
             if pos.step < plan.total_steps and pos.micro_in_epoch:  # the loader ran dry before the epoch's end
-                raise RuntimeError(f"rank {self.rank}: epoch {pos.epoch} ended after {pos.micro_in_epoch} of "
-                                   f"{plan.micro_per_epoch} micro batches")
+                raise RuntimeError(
+                    f"rank {self.rank}: epoch {pos.epoch} ended after {pos.micro_in_epoch} of "
+                    f"{plan.micro_per_epoch} micro batches"
+                )
         progress.close()
         if self.last_saved_step != pos.step:
             self.save()
@@ -359,8 +443,9 @@ class Trainer:
     def _write_scalars(self, figures: Mapping[str, float], step_time: float) -> None:
         pos, timer = self.position, self.timer
         # (world_size, 3): samples/s, data wait (s) and step time (s) of every rank
-        per_rank = gather_floats([self.micro * self.accum / max(step_time, 1e-9), timer.data_wait_s, step_time],
-                                 self.device)
+        per_rank = gather_floats(
+            [self.micro * self.accum / max(step_time, 1e-9), timer.data_wait_s, step_time], self.device
+        )
         scalars = {
             "train/loss": figures["loss"],
             "train/temperature": figures["tau"],
@@ -372,25 +457,40 @@ class Trainer:
             "train/epoch": pos.epoch + pos.micro_in_epoch / self.plan.micro_per_epoch,
             "train/samples_seen": pos.samples_seen,
         }
-        scalars.update(throughput_scalars(
-            per_rank, self.global_batch, int(self.cfg.log.per_rank_limit), self.flops_per_sample, self.peak_flops,
-        ))
+        scalars.update(
+            throughput_scalars(
+                per_rank,
+                self.global_batch,
+                int(self.cfg.log.per_rank_limit),
+                self.flops_per_sample,
+                self.peak_flops,
+            )
+        )
         self.writer.write(pos.step, scalars)
 
     def client_state(self) -> dict:
         """The position and what it depends on, saved with every checkpoint."""
         pos, plan = self.position, self.plan
         return {
-            "step": pos.step, "epoch": pos.epoch, "micro_in_epoch": pos.micro_in_epoch,
-            "micro_per_epoch": plan.micro_per_epoch, "steps_per_epoch": plan.steps_per_epoch,
-            "data_seed": self.data_seed, "seed": int(self.cfg.seed), "samples_seen": pos.samples_seen,
-            "world_size": self.world_size, "lr_next": self.schedule.lr,
+            "step": pos.step,
+            "epoch": pos.epoch,
+            "micro_in_epoch": pos.micro_in_epoch,
+            "micro_per_epoch": plan.micro_per_epoch,
+            "steps_per_epoch": plan.steps_per_epoch,
+            "data_seed": self.data_seed,
+            "seed": int(self.cfg.seed),
+            "samples_seen": pos.samples_seen,
+            "world_size": self.world_size,
+            "lr_next": self.schedule.lr,
         }
 
     def save(self) -> None:
         """A checkpoint of this step on every rank, published as ``latest`` once complete."""
         ckpt.save_checkpoint(
-            self.engine, self.ckpt_dir, self.position.step, self.client_state(),
+            self.engine,
+            self.ckpt_dir,
+            self.position.step,
+            self.client_state(),
             write_extras=lambda tag_dir: save_config(self.cfg, tag_dir / "config.yaml"),
             keep_last=self.cfg.checkpoint.keep_last,
         )
@@ -421,8 +521,11 @@ class Trainer:
             write_json(self.out_dir / "final_metrics.json", metrics)
             log.info(
                 "retrieval top-1 (mean of the last %d steps): image→cell %.3f, cell→image %.3f; chance %.4f (1/%d)",
-                metrics["window_steps"], metrics["retrieval_top1_img_to_cell"], metrics["retrieval_top1_cell_to_img"],
-                metrics["chance"], self.global_micro,
+                metrics["window_steps"],
+                metrics["retrieval_top1_img_to_cell"],
+                metrics["retrieval_top1_cell_to_img"],
+                metrics["chance"],
+                self.global_micro,
             )
         if self.cfg.debug.dump_final_weights:
             _dump_weights(self.engine, self.out_dir / "debug" / f"final_weights_rank{self.rank}.pt", self.zero_stage)

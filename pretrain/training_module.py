@@ -4,6 +4,7 @@ and the model section completed from the shard manifest.
 State dict of :class:`PASTTrainingModule` (what a checkpoint holds, what export splits):
 ``model.*`` (a :class:`pretrain.models.PASTModel`) and ``temperature.logit_scale`` (shape (1,)).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -69,16 +70,26 @@ def resolve_model_section(cfg: DictConfig, manifest: dict) -> dict:
     vocab = manifest.get("vocabulary") or {}
     if cell.get("vocab_size") is None:
         if "size" not in vocab:
-            raise InputError(cfg.data.manifest, "vocabulary.size", "the vocabulary size (or model.cell.vocab_size)", "missing")
+            raise InputError(
+                cfg.data.manifest, "vocabulary.size", "the vocabulary size (or model.cell.vocab_size)", "missing"
+            )
         cell["vocab_size"] = GENE_OFFSET + int(vocab["size"])
     elif "size" in vocab and int(cell["vocab_size"]) < GENE_OFFSET + int(vocab["size"]):
-        raise InputError(None, "model.cell.vocab_size", f">= {GENE_OFFSET + int(vocab['size'])} for the shards' "
-                         f"{vocab['size']} genes", cell["vocab_size"])
+        raise InputError(
+            None,
+            "model.cell.vocab_size",
+            f">= {GENE_OFFSET + int(vocab['size'])} for the shards' {vocab['size']} genes",
+            cell["vocab_size"],
+        )
     if cell.get("context_length") is None:
-        tokens_cfg = ((manifest.get("config") or {}).get("tokens") or {})
+        tokens_cfg = (manifest.get("config") or {}).get("tokens") or {}
         if "context_length" not in tokens_cfg:
-            raise InputError(cfg.data.manifest, "config.tokens.context_length",
-                             "the token context length (or model.cell.context_length)", "missing")
+            raise InputError(
+                cfg.data.manifest,
+                "config.tokens.context_length",
+                "the token context length (or model.cell.context_length)",
+                "missing",
+            )
         cell["context_length"] = int(tokens_cfg["context_length"])
     model_cfg["cell"] = cell
     return resolve_model_config(model_cfg)

@@ -1,4 +1,5 @@
 """Shared test fixtures: where the project and the shared fixtures live."""
+
 from __future__ import annotations
 
 import os

@@ -7,6 +7,7 @@
 - No module imports another package's private (``_name``) helpers.
 - The public names of DESIGN.md's contracts import from where DESIGN says.
 """
+
 from __future__ import annotations
 
 import ast
@@ -111,8 +112,10 @@ def test_no_project_imports_inside_functions():
             if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 for target, _, node in _imports(module, function):
                     bad.append(f"{path.relative_to(ROOT)}:{node.lineno} {function.name}() imports {target}")
-    assert not bad, "project imports inside functions (import at module level; a cycle means a module to split):\n" + \
-        "\n".join(sorted(set(bad)))
+    assert not bad, (
+        "project imports inside functions (import at module level; a cycle means a module to split):\n"
+        + "\n".join(sorted(set(bad)))
+    )
 
 
 def test_no_import_cycles():
@@ -133,7 +136,7 @@ def test_no_import_cycles():
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                cycles.append(stack[stack.index(nxt):] + [nxt])
+                cycles.append(stack[stack.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt)
         stack.pop()

@@ -9,6 +9,7 @@
 
 Imports go one way: fit <- explorer <- registration <- report <- run.
 """
+
 from .explorer import KEYPOINT_COLUMNS, XENIUM_PIXEL_SIZE_UM, read_explorer_alignment, read_explorer_keypoints
 from .fit import (
     RegistrationError,

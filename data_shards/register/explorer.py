@@ -3,6 +3,7 @@
 Keypoints: ``fixedX, fixedY`` on the Xenium side, ``alignmentX, alignmentY`` in H&E level-0
 pixels. Alignment: a 3x3 matrix mapping H&E level-0 px -> Xenium morphology-image px.
 """
+
 from __future__ import annotations
 
 import csv
@@ -31,21 +32,30 @@ def read_explorer_keypoints(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         frame = pd.read_csv(path)
     except Exception as exc:  # pandas raises several types for empty / malformed CSV
-        raise InputError(path, None, "a CSV with columns " + ",".join(KEYPOINT_COLUMNS),
-                         f"{type(exc).__name__}: {exc}") from exc
+        raise InputError(
+            path, None, "a CSV with columns " + ",".join(KEYPOINT_COLUMNS), f"{type(exc).__name__}: {exc}"
+        ) from exc
     frame.columns = [str(c).strip() for c in frame.columns]
     missing = [c for c in KEYPOINT_COLUMNS if c not in frame.columns]
     if missing:
-        raise InputError(path, "columns", "columns " + ",".join(KEYPOINT_COLUMNS),
-                         f"missing {','.join(missing)}; found {','.join(frame.columns)}")
+        raise InputError(
+            path,
+            "columns",
+            "columns " + ",".join(KEYPOINT_COLUMNS),
+            f"missing {','.join(missing)}; found {','.join(frame.columns)}",
+        )
     values = {}
     for column in KEYPOINT_COLUMNS:
         numeric = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=np.float64)
         bad = ~np.isfinite(numeric)
         if bad.any():
             rows = (np.flatnonzero(bad)[:5] + 2).tolist()  # +2: header line, 1-based lines
-            raise InputError(path, column, "finite numbers in every row",
-                             f"{int(bad.sum())} empty/NaN/non-numeric values, first at lines {rows}")
+            raise InputError(
+                path,
+                column,
+                "finite numbers in every row",
+                f"{int(bad.sum())} empty/NaN/non-numeric values, first at lines {rows}",
+            )
         values[column] = numeric
     fixed = np.column_stack([values["fixedX"], values["fixedY"]])
     moving = np.column_stack([values["alignmentX"], values["alignmentY"]])
@@ -79,5 +89,3 @@ def _is_numeric_row(row: Sequence[str]) -> bool:
     except ValueError:
         return False
     return True
-
-

@@ -3,6 +3,7 @@
 Conventions: every 3x3 matrix here is homogeneous and acts on column vectors ``(x, y, 1)``;
 x points right and y down on both images. Point sets are float64 (n, 2).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,19 +44,23 @@ def check_spread(xy: np.ndarray, source: str | Path | None, name: str) -> None:
     if singular[0] == 0 or singular[1] <= COLLINEAR_RTOL * singular[0]:
         ratio = 0.0 if singular[0] == 0 else singular[1] / singular[0]
         raise RegistrationError(
-            source, name, f"points spread in 2-D (singular value ratio > {COLLINEAR_RTOL:g})",
+            source,
+            name,
+            f"points spread in 2-D (singular value ratio > {COLLINEAR_RTOL:g})",
             f"collinear points (ratio {ratio:.2e})",
         )
 
 
-def check_pairs(src_xy: Any, dst_xy: Any, source: str | Path | None = None,
-                names: tuple[str, str] = ("src", "dst")) -> tuple[np.ndarray, np.ndarray]:
+def check_pairs(
+    src_xy: Any, dst_xy: Any, source: str | Path | None = None, names: tuple[str, str] = ("src", "dst")
+) -> tuple[np.ndarray, np.ndarray]:
     """Validate matched point pairs: (n, 2) each, same n, n >= 3, finite, not collinear."""
     src = as_points(src_xy, source, names[0])
     dst = as_points(dst_xy, source, names[1])
     if len(src) != len(dst):
-        raise InputError(source, f"{names[0]}/{names[1]}", "the same number of points in both sets",
-                         f"{len(src)} and {len(dst)}")
+        raise InputError(
+            source, f"{names[0]}/{names[1]}", "the same number of points in both sets", f"{len(src)} and {len(dst)}"
+        )
     if len(src) < 3:
         raise RegistrationError(source, f"{names[0]}/{names[1]}", "at least 3 keypoint pairs", f"{len(src)}")
     check_spread(src, source, names[0])
@@ -87,8 +92,13 @@ def fit_transform(src_xy: Any, dst_xy: Any, scale: bool = True, *, source: str |
     return matrix
 
 
-def fit_um_to_px(fixed_um: np.ndarray, moving_px: np.ndarray, scale: bool, rigid_um_per_px: float | None,
-                 source: str | Path | None = None) -> np.ndarray:
+def fit_um_to_px(
+    fixed_um: np.ndarray,
+    moving_px: np.ndarray,
+    scale: bool,
+    rigid_um_per_px: float | None,
+    source: str | Path | None = None,
+) -> np.ndarray:
     """(3, 3) µm -> px. A rigid fit first converts µm to px with ``rigid_um_per_px`` (units must match)."""
     if scale:
         return fit_transform(fixed_um, moving_px, scale=True, source=source)
@@ -120,4 +130,3 @@ def check_alignment_matrix(matrix: Any, source: str | Path | None = None) -> np.
     if abs(np.linalg.det(linear)) <= 1e-12 * max(np.abs(linear).max(), 1e-300) ** 2:
         raise InputError(source, "matrix", "an invertible matrix", f"determinant {np.linalg.det(linear):.3g}")
     return matrix
-

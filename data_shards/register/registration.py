@@ -14,6 +14,7 @@ the µm/px of the keypoint's region transform (the same as mapping back for a si
 Leave-one-out refits a keypoint's own region without it and predicts it with that region's
 transform alone. The console table and the overlay picture live in :mod:`.report`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -64,9 +65,17 @@ class Registration:
     region's mapped point, so the map is smooth across region borders.
     """
 
-    def __init__(self, regions: list[Region], global_transform: np.ndarray, *, scale: bool = True,
-                 blend: bool = False, blend_sigma_um: float | None = None, source: str | None = None,
-                 rigid_um_per_px: float | None = None):
+    def __init__(
+        self,
+        regions: list[Region],
+        global_transform: np.ndarray,
+        *,
+        scale: bool = True,
+        blend: bool = False,
+        blend_sigma_um: float | None = None,
+        source: str | None = None,
+        rigid_um_per_px: float | None = None,
+    ):
         if not regions:
             raise ValueError("a Registration needs at least one region")
         self.regions = regions
@@ -81,10 +90,20 @@ class Registration:
     # ---- constructors -----------------------------------------------------------------------
 
     @classmethod
-    def from_keypoints(cls, fixed_um: Any, moving_px: Any, regions: None | int | Sequence[int] = None, *,
-                       blend: bool = False, blend_sigma_um: float | None = None, scale: bool = True,
-                       he_um_per_px: float | None = None, min_points_per_region: int = 4,
-                       source: str | Path | None = None, random_state: int = 0) -> Registration:
+    def from_keypoints(
+        cls,
+        fixed_um: Any,
+        moving_px: Any,
+        regions: None | int | Sequence[int] = None,
+        *,
+        blend: bool = False,
+        blend_sigma_um: float | None = None,
+        scale: bool = True,
+        he_um_per_px: float | None = None,
+        min_points_per_region: int = 4,
+        source: str | Path | None = None,
+        random_state: int = 0,
+    ) -> Registration:
         """Fit from keypoint pairs: fixed (Xenium µm) -> moving (H&E level-0 px).
 
         ``regions``: None (one global region), an int (spatial k-means on the fixed coordinates)
@@ -99,8 +118,9 @@ class Registration:
         rigid_um_per_px = None
         if not scale:
             if not he_um_per_px or not np.isfinite(he_um_per_px) or he_um_per_px <= 0:
-                raise InputError(source, "he_um_per_px", "a positive H&E µm/pixel for a rigid (scale=False) fit",
-                                 he_um_per_px)
+                raise InputError(
+                    source, "he_um_per_px", "a positive H&E µm/pixel for a rigid (scale=False) fit", he_um_per_px
+                )
             rigid_um_per_px = float(he_um_per_px)
 
         def fit(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -111,11 +131,24 @@ class Registration:
         fitted = []
         for label in np.unique(labels):
             member = labels == label
-            fitted.append(Region(label=int(label), transform=fit(fixed[member], moving[member]),
-                                 fixed_um=fixed[member], moving_px=moving[member],
-                                 centroid_um=fixed[member].mean(axis=0)))
-        return cls(fitted, fit(fixed, moving), scale=scale, blend=blend, blend_sigma_um=blend_sigma_um,
-                   source=source, rigid_um_per_px=rigid_um_per_px)
+            fitted.append(
+                Region(
+                    label=int(label),
+                    transform=fit(fixed[member], moving[member]),
+                    fixed_um=fixed[member],
+                    moving_px=moving[member],
+                    centroid_um=fixed[member].mean(axis=0),
+                )
+            )
+        return cls(
+            fitted,
+            fit(fixed, moving),
+            scale=scale,
+            blend=blend,
+            blend_sigma_um=blend_sigma_um,
+            source=source,
+            rigid_um_per_px=rigid_um_per_px,
+        )
 
     @classmethod
     def global_fit(cls, fixed_um: Any, moving_px: Any, **kwargs: Any) -> Registration:
@@ -124,9 +157,15 @@ class Registration:
         return cls.from_keypoints(fixed_um, moving_px, regions=None, **kwargs)
 
     @classmethod
-    def from_alignment(cls, matrix_he_px_to_morph_px: Any, xenium_pixel_size_um: float = XENIUM_PIXEL_SIZE_UM,
-                       *, fixed_um: Any = None, moving_px: Any = None,
-                       source: str | Path | None = None) -> Registration:
+    def from_alignment(
+        cls,
+        matrix_he_px_to_morph_px: Any,
+        xenium_pixel_size_um: float = XENIUM_PIXEL_SIZE_UM,
+        *,
+        fixed_um: Any = None,
+        moving_px: Any = None,
+        source: str | Path | None = None,
+    ) -> Registration:
         """From Xenium Explorer's alignment (H&E px -> morphology px): inverted, composed with µm -> morph px.
 
         Optional keypoints (``fixed_um``, ``moving_px``) are kept to evaluate the imported map.
@@ -136,8 +175,9 @@ class Registration:
         um_to_he_px = np.linalg.inv(matrix) @ um_to_morph_px
         region = Region(label=0, transform=um_to_he_px, fitted=False)
         if fixed_um is not None and moving_px is not None:
-            region.fixed_um, region.moving_px = check_pairs(fixed_um, moving_px, source,
-                                                            names=("fixed (µm)", "moving (px)"))
+            region.fixed_um, region.moving_px = check_pairs(
+                fixed_um, moving_px, source, names=("fixed (µm)", "moving (px)")
+            )
             region.centroid_um = region.fixed_um.mean(axis=0)
         return cls([region], um_to_he_px, scale=True, source=source)
 
@@ -267,7 +307,12 @@ class Registration:
     @classmethod
     def from_dict(cls, data: dict, source: str | Path | None = None) -> Registration:
         if not isinstance(data, dict) or data.get("format") != JSON_FORMAT:
-            raise InputError(source, "format", f'"{JSON_FORMAT}"', data.get("format") if isinstance(data, dict) else type(data).__name__)
+            raise InputError(
+                source,
+                "format",
+                f'"{JSON_FORMAT}"',
+                data.get("format") if isinstance(data, dict) else type(data).__name__,
+            )
         if data.get("version") != JSON_VERSION:
             raise InputError(source, "version", str(JSON_VERSION), data.get("version"))
         try:
@@ -286,11 +331,21 @@ class Registration:
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, InputError):
                 raise
-            raise InputError(source, "regions", "a saved registration (regions with transforms and keypoints)",
-                             f"{type(exc).__name__}: {exc}") from exc
-        return cls(regions, global_transform, scale=bool(data.get("scale", True)), blend=bool(data.get("blend")),
-                   blend_sigma_um=data.get("blend_sigma_um"), source=data.get("source"),
-                   rigid_um_per_px=data.get("rigid_um_per_px"))
+            raise InputError(
+                source,
+                "regions",
+                "a saved registration (regions with transforms and keypoints)",
+                f"{type(exc).__name__}: {exc}",
+            ) from exc
+        return cls(
+            regions,
+            global_transform,
+            scale=bool(data.get("scale", True)),
+            blend=bool(data.get("blend")),
+            blend_sigma_um=data.get("blend_sigma_um"),
+            source=data.get("source"),
+            rigid_um_per_px=data.get("rigid_um_per_px"),
+        )
 
     @classmethod
     def from_json(cls, path: str | Path) -> Registration:
@@ -298,8 +353,9 @@ class Registration:
         return cls.from_dict(read_json_file(path, "an existing registration.json"), source=path)
 
 
-def _initial_labels(fixed: np.ndarray, regions: None | int | Sequence[int], source: str | Path | None,
-                    random_state: int) -> np.ndarray:
+def _initial_labels(
+    fixed: np.ndarray, regions: None | int | Sequence[int], source: str | Path | None, random_state: int
+) -> np.ndarray:
     if regions is None:
         return np.zeros(len(fixed), dtype=np.int64)
     if isinstance(regions, (int, np.integer)):
@@ -314,8 +370,12 @@ def _initial_labels(fixed: np.ndarray, regions: None | int | Sequence[int], sour
         return KMeans(n_clusters=n_regions, n_init=10, random_state=random_state).fit_predict(fixed).astype(np.int64)
     labels = np.asarray(regions)
     if labels.shape != (len(fixed),) or not np.issubdtype(labels.dtype, np.integer):
-        raise InputError(source, "regions", f"one integer region label per keypoint ({len(fixed)})",
-                         f"shape {labels.shape}, dtype {labels.dtype}")
+        raise InputError(
+            source,
+            "regions",
+            f"one integer region label per keypoint ({len(fixed)})",
+            f"shape {labels.shape}, dtype {labels.dtype}",
+        )
     return labels.astype(np.int64)
 
 
@@ -330,8 +390,9 @@ def _region_is_usable(fixed: np.ndarray, moving: np.ndarray, min_points: int) ->
     return True
 
 
-def _merge_small_regions(fixed: np.ndarray, moving: np.ndarray, labels: np.ndarray, min_points: int,
-                         source: str | Path | None) -> np.ndarray:
+def _merge_small_regions(
+    fixed: np.ndarray, moving: np.ndarray, labels: np.ndarray, min_points: int, source: str | Path | None
+) -> np.ndarray:
     """Merge every region too small or collinear to fit into the region with the nearest centroid."""
     labels = labels.copy()
     while True:
@@ -346,14 +407,20 @@ def _merge_small_regions(fixed: np.ndarray, moving: np.ndarray, labels: np.ndarr
         centroids = {n: fixed[labels == n].mean(axis=0) for n in names}
         others = [n for n in names if n != worst]
         nearest = min(others, key=lambda n: float(((centroids[n] - centroids[worst]) ** 2).sum()))
-        log.info("%s: region %d (%d keypoints) is too small or collinear to fit; merged into region %d",
-                 source or "keypoints", worst, int((labels == worst).sum()), nearest)
+        log.info(
+            "%s: region %d (%d keypoints) is too small or collinear to fit; merged into region %d",
+            source or "keypoints",
+            worst,
+            int((labels == worst).sum()),
+            nearest,
+        )
         labels[labels == worst] = nearest
 
 
 # --------------------------------------------------------------------------------------------
 # Quality numbers
 # --------------------------------------------------------------------------------------------
+
 
 def _rms(values: np.ndarray) -> float | None:
     values = values[np.isfinite(values)]
@@ -375,8 +442,9 @@ def leave_one_out_um(registration: Registration, region_index: int) -> np.ndarra
     for i in range(k):
         keep = np.arange(k) != i
         try:
-            transform = fit_um_to_px(region.fixed_um[keep], region.moving_px[keep], registration.scale,
-                                     registration.rigid_um_per_px)
+            transform = fit_um_to_px(
+                region.fixed_um[keep], region.moving_px[keep], registration.scale, registration.rigid_um_per_px
+            )
         except RegistrationError:  # the remaining points are collinear
             continue
         predicted_px = apply_transform(transform, region.fixed_um[i : i + 1])[0]
@@ -398,25 +466,31 @@ def quality_report(registration: Registration, slide_um_per_px: float | None = N
         loo_um = leave_one_out_um(registration, index)
         all_residuals.append(residual_um)
         all_loo.append(loo_um)
-        region_rows.append({
-            "label": region.label,
-            "fitted": region.fitted,
-            "n_keypoints": int(len(region.fixed_um)),
-            "centroid_um": region.centroid_um.tolist(),
-            "um_per_px": um_per_px,
-            "rms_um": _rms(residual_um),
-            "max_um": _max(residual_um),
-            "loo_rms_um": _rms(loo_um),
-            "loo_max_um": _max(loo_um),
-        })
+        region_rows.append(
+            {
+                "label": region.label,
+                "fitted": region.fitted,
+                "n_keypoints": int(len(region.fixed_um)),
+                "centroid_um": region.centroid_um.tolist(),
+                "um_per_px": um_per_px,
+                "rms_um": _rms(residual_um),
+                "max_um": _max(residual_um),
+                "loo_rms_um": _rms(loo_um),
+                "loo_max_um": _max(loo_um),
+            }
+        )
         for j in range(len(region.fixed_um)):
-            keypoints.append({
-                "region": region.label,
-                "fixed_x_um": float(region.fixed_um[j, 0]), "fixed_y_um": float(region.fixed_um[j, 1]),
-                "moving_x_px": float(region.moving_px[j, 0]), "moving_y_px": float(region.moving_px[j, 1]),
-                "residual_um": float(residual_um[j]),
-                "loo_error_um": float(loo_um[j]) if np.isfinite(loo_um[j]) else None,
-            })
+            keypoints.append(
+                {
+                    "region": region.label,
+                    "fixed_x_um": float(region.fixed_um[j, 0]),
+                    "fixed_y_um": float(region.fixed_um[j, 1]),
+                    "moving_x_px": float(region.moving_px[j, 0]),
+                    "moving_y_px": float(region.moving_px[j, 1]),
+                    "residual_um": float(residual_um[j]),
+                    "loo_error_um": float(loo_um[j]) if np.isfinite(loo_um[j]) else None,
+                }
+            )
     residuals, loo = np.concatenate(all_residuals), np.concatenate(all_loo)
     fitted_um_per_px = registration.he_um_per_px
     return {
@@ -444,8 +518,16 @@ def check_report(report: dict, max_rms_um: float | None, max_loo_um: float | Non
     for row in report["regions"]:
         where = f"region {row['label']}"
         if max_rms_um is not None and row["rms_um"] is not None and row["rms_um"] > max_rms_um:
-            raise RegistrationError(source, where, f"keypoint RMS residual <= {max_rms_um:g} µm",
-                                    f"{row['rms_um']:.3f} µm (max {row['max_um']:.3f} µm over {row['n_keypoints']} keypoints)")
+            raise RegistrationError(
+                source,
+                where,
+                f"keypoint RMS residual <= {max_rms_um:g} µm",
+                f"{row['rms_um']:.3f} µm (max {row['max_um']:.3f} µm over {row['n_keypoints']} keypoints)",
+            )
         if max_loo_um is not None and row["loo_rms_um"] is not None and row["loo_rms_um"] > max_loo_um:
-            raise RegistrationError(source, where, f"leave-one-out RMS error <= {max_loo_um:g} µm",
-                                    f"{row['loo_rms_um']:.3f} µm (max {row['loo_max_um']:.3f} µm)")
+            raise RegistrationError(
+                source,
+                where,
+                f"leave-one-out RMS error <= {max_loo_um:g} µm",
+                f"{row['loo_rms_um']:.3f} µm (max {row['loo_max_um']:.3f} µm)",
+            )

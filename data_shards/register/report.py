@@ -3,6 +3,7 @@
 The numbers themselves (keypoint residuals, leave-one-out errors, bounds) are computed by
 :meth:`Registration.report` (:func:`data_shards.register.registration.quality_report`).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,25 +18,38 @@ from .registration import Registration
 
 def format_table(report: dict) -> str:
     """A fixed-width table of the per-region and overall errors (µm) for the console."""
+
     def number(value: float | None) -> str:
         return "-" if value is None else f"{value:.3f}"
 
     header = f"{'region':>8} {'points':>6} {'µm/px':>8} {'rms µm':>8} {'max µm':>8} {'loo rms':>8} {'loo max':>8}"
     lines = [header, "-" * len(header)]
     for row in report["regions"]:
-        lines.append(f"{row['label']:>8} {row['n_keypoints']:>6} {row['um_per_px']:>8.4f} {number(row['rms_um']):>8} "
-                     f"{number(row['max_um']):>8} {number(row['loo_rms_um']):>8} {number(row['loo_max_um']):>8}")
+        lines.append(
+            f"{row['label']:>8} {row['n_keypoints']:>6} {row['um_per_px']:>8.4f} {number(row['rms_um']):>8} "
+            f"{number(row['max_um']):>8} {number(row['loo_rms_um']):>8} {number(row['loo_max_um']):>8}"
+        )
     overall = report["overall"]
     lines.append("-" * len(header))
-    lines.append(f"{'all':>8} {overall['n_keypoints']:>6} {report['he_um_per_px_fitted']:>8.4f} "
-                 f"{number(overall['rms_um']):>8} {number(overall['max_um']):>8} "
-                 f"{number(overall['loo_rms_um']):>8} {number(overall['loo_max_um']):>8}")
+    lines.append(
+        f"{'all':>8} {overall['n_keypoints']:>6} {report['he_um_per_px_fitted']:>8.4f} "
+        f"{number(overall['rms_um']):>8} {number(overall['max_um']):>8} "
+        f"{number(overall['loo_rms_um']):>8} {number(overall['loo_max_um']):>8}"
+    )
     return "\n".join(lines)
 
 
-def write_overlay(path: str | Path, registration: Registration, slide: Any, cells_um: np.ndarray,
-                  report: dict | None = None, max_side: int = 2048, max_cells: int = 200_000,
-                  magnify: float | None = None, seed: int = 0) -> Path:
+def write_overlay(
+    path: str | Path,
+    registration: Registration,
+    slide: Any,
+    cells_um: np.ndarray,
+    report: dict | None = None,
+    max_side: int = 2048,
+    max_cells: int = 200_000,
+    magnify: float | None = None,
+    seed: int = 0,
+) -> Path:
     """PNG: H&E thumbnail, mapped cell centroids coloured by region, keypoints and residual vectors.
 
     Moving keypoints are crosses, mapped fixed keypoints circles; residual vectors (moving minus
@@ -62,8 +76,16 @@ def write_overlay(path: str | Path, registration: Registration, slide: Any, cell
         cells_px = registration.map(cells_um) / downsample  # (n, 2) thumbnail px
         region = registration.region_of(cells_um)
         dot_size = float(np.clip(2e4 / len(cells_px), 0.5, 6.0))  # points²: visible when few, no blot when many
-        axes.scatter(cells_px[:, 0], cells_px[:, 1], s=dot_size, c=colours(region % 10), linewidths=0,
-                     alpha=0.8, rasterized=True, label="mapped cell centroid")
+        axes.scatter(
+            cells_px[:, 0],
+            cells_px[:, 1],
+            s=dot_size,
+            c=colours(region % 10),
+            linewidths=0,
+            alpha=0.8,
+            rasterized=True,
+            label="mapped cell centroid",
+        )
     fixed = np.concatenate([r.fixed_um for r in registration.regions])
     moving = np.concatenate([r.moving_px for r in registration.regions])
     if len(fixed):
@@ -73,10 +95,28 @@ def write_overlay(path: str | Path, registration: Registration, slide: Any, cell
         longest = float(np.linalg.norm(residual, axis=1).max())
         gain = magnify if magnify is not None else (0.03 * max(width, height) / longest if longest > 0 else 1.0)
         axes.scatter(target[:, 0], target[:, 1], marker="x", s=30, c="black", linewidths=1.2, label="H&E keypoint")
-        axes.scatter(mapped[:, 0], mapped[:, 1], marker="o", s=30, facecolors="none", edgecolors="blue",
-                     linewidths=1.2, label="mapped Xenium keypoint")
-        axes.quiver(mapped[:, 0], mapped[:, 1], residual[:, 0] * gain, residual[:, 1] * gain, angles="xy",
-                    scale_units="xy", scale=1, color="red", width=0.002, label=f"residual ×{gain:.0f}")
+        axes.scatter(
+            mapped[:, 0],
+            mapped[:, 1],
+            marker="o",
+            s=30,
+            facecolors="none",
+            edgecolors="blue",
+            linewidths=1.2,
+            label="mapped Xenium keypoint",
+        )
+        axes.quiver(
+            mapped[:, 0],
+            mapped[:, 1],
+            residual[:, 0] * gain,
+            residual[:, 1] * gain,
+            angles="xy",
+            scale_units="xy",
+            scale=1,
+            color="red",
+            width=0.002,
+            label=f"residual ×{gain:.0f}",
+        )
         axes.legend(loc="lower right", fontsize=8)
     axes.set_xlim(0, width)
     axes.set_ylim(height, 0)

@@ -1,4 +1,5 @@
 """The registration step of a bundle: fit (or import), check, report and save; ``make_shards.py register``."""
+
 from __future__ import annotations
 
 import logging
@@ -29,7 +30,9 @@ def _read_cell_centroids_um(bundle_dir: Path) -> np.ndarray:
     columns = pq.read_schema(path).names
     missing = [c for c in ("x_centroid", "y_centroid") if c not in columns]
     if missing:
-        raise InputError(path, "columns", "x_centroid, y_centroid", f"missing {','.join(missing)}; found {','.join(columns)}")
+        raise InputError(
+            path, "columns", "x_centroid, y_centroid", f"missing {','.join(missing)}; found {','.join(columns)}"
+        )
     table = pq.read_table(path, columns=["x_centroid", "y_centroid"])
     xy = np.column_stack([table.column(c).to_numpy().astype(np.float64) for c in ("x_centroid", "y_centroid")])
     return xy[np.isfinite(xy).all(axis=1)]
@@ -53,24 +56,40 @@ def register_bundle(bundle_dir: str | Path, out_dir: str | Path, cfg: Any = None
             if keypoints_path is not None and keypoints_path.is_file():
                 fixed, moving = read_explorer_keypoints(keypoints_path)
             registration = Registration.from_alignment(
-                read_explorer_alignment(alignment_path), cfg.xenium_pixel_size_um,
-                fixed_um=fixed, moving_px=moving, source=alignment_path)
+                read_explorer_alignment(alignment_path),
+                cfg.xenium_pixel_size_um,
+                fixed_um=fixed,
+                moving_px=moving,
+                source=alignment_path,
+            )
         else:
             if keypoints_path is None:
                 raise InputError(None, "keypoints", "a keypoints CSV path or an alignment CSV path in the config", None)
             fixed, moving = read_explorer_keypoints(keypoints_path)
             registration = Registration.from_keypoints(
-                fixed, moving, regions=int(cfg.n_regions), blend=bool(cfg.blend), blend_sigma_um=cfg.blend_sigma_um,
-                scale=bool(cfg.scale), he_um_per_px=slide.um_per_px,
-                min_points_per_region=int(cfg.min_points_per_region), source=keypoints_path,
-                random_state=int(cfg.random_state))
+                fixed,
+                moving,
+                regions=int(cfg.n_regions),
+                blend=bool(cfg.blend),
+                blend_sigma_um=cfg.blend_sigma_um,
+                scale=bool(cfg.scale),
+                he_um_per_px=slide.um_per_px,
+                min_points_per_region=int(cfg.min_points_per_region),
+                source=keypoints_path,
+                random_state=int(cfg.random_state),
+            )
         report = registration.report(slide_um_per_px=slide.um_per_px)
         check_report(report, cfg.max_rms_um, cfg.max_loo_um, registration.source)
         cells_um = _read_cell_centroids_um(bundle_dir)
         table = format_table(report)
         print(table)
-        log.info("registration of %s: RMS %.3f µm over %d keypoints, %d region(s)", bundle_dir,
-                 report["overall"]["rms_um"] or float("nan"), report["overall"]["n_keypoints"], registration.n_regions)
+        log.info(
+            "registration of %s: RMS %.3f µm over %d keypoints, %d region(s)",
+            bundle_dir,
+            report["overall"]["rms_um"] or float("nan"),
+            report["overall"]["n_keypoints"],
+            registration.n_regions,
+        )
         out_dir.mkdir(parents=True, exist_ok=True)
         write_overlay(out_dir / "registration_overlay.png", registration, slide, cells_um, report)
     registration.to_json(out_dir / "registration.json")

@@ -11,6 +11,7 @@
 
 ``python -m data_shards.synthetic OUT_DIR [--mode procedural --n-cells N ...]`` writes one bundle.
 """
+
 from .bundle import DEFAULT_SLIDE, make_bundle, planted_map
 from .cell_types import CELL_TYPES, LOOKS, CellTypeLook, nucleus_axes_px
 

@@ -15,6 +15,7 @@ The planted Xenium µm → H&E px map (rotation, scale = 1 / H&E µm per px, tra
 smooth RBF deformation) is recovered from the truth by :func:`planted_map`. Same seed and
 arguments give an identical bundle.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -144,8 +145,15 @@ def make_bundle(
         renderer = ProceduralRenderer(layout, cells, seed=int(rng_render.integers(2**31)))
         he_rgb = None
     n = len(cells)
-    log.info("%s mode: %d cells on a %dx%d px H&E at %.4f µm/px (%.1f s)", mode, n, he_shape[1], he_shape[0],
-             he_um_per_px, time.perf_counter() - started)
+    log.info(
+        "%s mode: %d cells on a %dx%d px H&E at %.4f µm/px (%.1f s)",
+        mode,
+        n,
+        he_shape[1],
+        he_shape[0],
+        he_um_per_px,
+        time.perf_counter() - started,
+    )
     if write_transcripts is None:
         write_transcripts = n <= TRANSCRIPTS_AUTO_MAX_CELLS
 
@@ -167,16 +175,27 @@ def make_bundle(
 
     # ---- expression tied to the image
     panel = make_panel(n_genes, seed)
-    covariates = np.stack([
-        standardize(np.log(cells.hematoxylin + 1e-3)),
-        standardize(np.log(nucleus_area)),
-        standardize(cells.context_eosin),
-    ], axis=1)  # (n, len(COVARIATES))
-    counts = sample_counts(panel, cells.cell_type_index, cell_area, covariates, rng_expr,
-                           mean_transcripts_per_cell=mean_transcripts_per_cell)  # (n, F) CSR
+    covariates = np.stack(
+        [
+            standardize(np.log(cells.hematoxylin + 1e-3)),
+            standardize(np.log(nucleus_area)),
+            standardize(cells.context_eosin),
+        ],
+        axis=1,
+    )  # (n, len(COVARIATES))
+    counts = sample_counts(
+        panel,
+        cells.cell_type_index,
+        cell_area,
+        covariates,
+        rng_expr,
+        mean_transcripts_per_cell=mean_transcripts_per_cell,
+    )  # (n, F) CSR
     kinds = panel.kinds
-    per_kind = {k: np.asarray(counts[:, np.flatnonzero(kinds == k)].sum(axis=1)).ravel()
-                for k in ("gene", "probe", "codeword", "unassigned")}
+    per_kind = {
+        k: np.asarray(counts[:, np.flatnonzero(kinds == k)].sum(axis=1)).ravel()
+        for k in ("gene", "probe", "codeword", "unassigned")
+    }
 
     # ---- keypoints (Xenium Explorer export) from nuclei spread over the tissue
     kp_idx = np.sort(spread_indices(rng_kp, cells.he_xy_px, n_keypoints))
@@ -217,44 +236,69 @@ def make_bundle(
             tiles_for_level = renderer.tiles
         else:
             tiles_for_level = _array_pyramid_tiles(he_rgb)
-        write_pyramidal_ome_tiff(tmp / "he" / "post_xenium_he.ome.tif", he_shape, he_um_per_px, tiles_for_level,
-                                 quality=jpeg_quality)
+        write_pyramidal_ome_tiff(
+            tmp / "he" / "post_xenium_he.ome.tif", he_shape, he_um_per_px, tiles_for_level, quality=jpeg_quality
+        )
         _write_keypoints_csv(tmp / "he" / "keypoints.csv", kp_fixed, kp_moving)
-        np.savetxt(tmp / "he" / "he_imagealignment.csv", explorer_alignment_matrix(planted), delimiter=",",
-                   fmt="%.10g")
+        np.savetxt(tmp / "he" / "he_imagealignment.csv", explorer_alignment_matrix(planted), delimiter=",", fmt="%.10g")
 
         log.info("H&E written (%.1f s); writing Xenium files", time.perf_counter() - started)
-        xw.write_experiment(tmp / "experiment.xenium", _experiment_fields(n, xenium_xy, cell_area, per_kind, counts, seed))
-        xw.write_cells(tmp / "cells.parquet", {
-            "cell_id": ids_arrow,
-            "x_centroid": xenium_xy[:, 0], "y_centroid": xenium_xy[:, 1],
-            "transcript_counts": per_kind["gene"].astype(np.int64),
-            "control_probe_counts": per_kind["probe"].astype(np.int64),
-            "genomic_control_counts": np.zeros(n, np.int64),
-            "control_codeword_counts": per_kind["codeword"].astype(np.int64),
-            "unassigned_codeword_counts": per_kind["unassigned"].astype(np.int64),
-            "deprecated_codeword_counts": np.zeros(n, np.int64),
-            "total_counts": np.asarray(counts.sum(axis=1)).ravel().astype(np.int64),
-            "cell_area": cell_area, "nucleus_area": nucleus_area,
-            "nucleus_count": np.ones(n, np.int64),
-            "segmentation_method": pa.array([SEGMENTATION_METHOD] * n, type=pa.large_string()),
-        })
-        xw.write_feature_matrix(tmp / "cell_feature_matrix.h5", counts, ids, panel.ids, panel.names,
-                                panel.feature_types)
+        xw.write_experiment(
+            tmp / "experiment.xenium", _experiment_fields(n, xenium_xy, cell_area, per_kind, counts, seed)
+        )
+        xw.write_cells(
+            tmp / "cells.parquet",
+            {
+                "cell_id": ids_arrow,
+                "x_centroid": xenium_xy[:, 0],
+                "y_centroid": xenium_xy[:, 1],
+                "transcript_counts": per_kind["gene"].astype(np.int64),
+                "control_probe_counts": per_kind["probe"].astype(np.int64),
+                "genomic_control_counts": np.zeros(n, np.int64),
+                "control_codeword_counts": per_kind["codeword"].astype(np.int64),
+                "unassigned_codeword_counts": per_kind["unassigned"].astype(np.int64),
+                "deprecated_codeword_counts": np.zeros(n, np.int64),
+                "total_counts": np.asarray(counts.sum(axis=1)).ravel().astype(np.int64),
+                "cell_area": cell_area,
+                "nucleus_area": nucleus_area,
+                "nucleus_count": np.ones(n, np.int64),
+                "segmentation_method": pa.array([SEGMENTATION_METHOD] * n, type=pa.large_string()),
+            },
+        )
+        xw.write_feature_matrix(
+            tmp / "cell_feature_matrix.h5", counts, ids, panel.ids, panel.names, panel.feature_types
+        )
         xw.write_boundaries(tmp / "cell_boundaries.parquet", ids_arrow, cell_poly)
         xw.write_boundaries(tmp / "nucleus_boundaries.parquet", ids_arrow, nucleus_poly)
         if write_transcripts:
             log.info("Xenium tables written (%.1f s); writing transcripts", time.perf_counter() - started)
-            _write_transcripts(tmp / "transcripts.parquet", counts, panel, ids_arrow, xenium_xy,
-                               (cell_a_um, cell_b_um, nuc_a_um, nuc_b_um, angle_um), rng_tx,
-                               low_qv_fraction, unassigned_fraction)
-        pq.write_table(pa.table({
-            "cell_id": ids_arrow,
-            "cell_type": pa.array(np.asarray(CELL_TYPES)[cells.cell_type_index], type=pa.large_string()),
-            "x_um": xenium_xy[:, 0], "y_um": xenium_xy[:, 1],
-            "he_x_px": cells.he_xy_px[:, 0], "he_y_px": cells.he_xy_px[:, 1],
-            "nucleus_hematoxylin": cells.hematoxylin, "context_eosin": cells.context_eosin,
-        }), tmp / "ground_truth_cells.parquet", compression="zstd")
+            _write_transcripts(
+                tmp / "transcripts.parquet",
+                counts,
+                panel,
+                ids_arrow,
+                xenium_xy,
+                (cell_a_um, cell_b_um, nuc_a_um, nuc_b_um, angle_um),
+                rng_tx,
+                low_qv_fraction,
+                unassigned_fraction,
+            )
+        pq.write_table(
+            pa.table(
+                {
+                    "cell_id": ids_arrow,
+                    "cell_type": pa.array(np.asarray(CELL_TYPES)[cells.cell_type_index], type=pa.large_string()),
+                    "x_um": xenium_xy[:, 0],
+                    "y_um": xenium_xy[:, 1],
+                    "he_x_px": cells.he_xy_px[:, 0],
+                    "he_y_px": cells.he_xy_px[:, 1],
+                    "nucleus_hematoxylin": cells.hematoxylin,
+                    "context_eosin": cells.context_eosin,
+                }
+            ),
+            tmp / "ground_truth_cells.parquet",
+            compression="zstd",
+        )
         truth["seconds"] = round(time.perf_counter() - started, 2)
         write_json(tmp / "ground_truth.json", truth)
     log.info("bundle %s written in %.1f s", out_dir, time.perf_counter() - started)
@@ -281,16 +325,21 @@ def _write_keypoints_csv(path: Path, fixed_um: np.ndarray, moving_px: np.ndarray
     path.write_text("\n".join(rows) + "\n", encoding="utf-8")
 
 
-def _experiment_fields(n: int, xy_um: np.ndarray, cell_area: np.ndarray, per_kind: dict, counts: sp.csr_matrix,
-                       seed: int) -> dict:
+def _experiment_fields(
+    n: int, xy_um: np.ndarray, cell_area: np.ndarray, per_kind: dict, counts: sp.csr_matrix, seed: int
+) -> dict:
     """experiment.xenium with XOA v3 keys; morphology images are named but not written."""
     span = xy_um.max(axis=0) - xy_um.min(axis=0) if n else np.zeros(2)
     region_area = float(np.prod(span + 100.0))
     genes = int(per_kind["gene"].sum())
     return {
-        "major_version": 5, "minor_version": 2, "patch_version": 0,
-        "run_name": "synthetic", "run_start_time": "2024-01-01T00:00:00Z",
-        "region_name": f"synthetic_seed{seed}", "preservation_method": "ffpe",
+        "major_version": 5,
+        "minor_version": 2,
+        "patch_version": 0,
+        "run_name": "synthetic",
+        "run_start_time": "2024-01-01T00:00:00Z",
+        "region_name": f"synthetic_seed{seed}",
+        "preservation_method": "ffpe",
         "num_cells": int(n),
         "transcripts_per_cell": int(round(genes / max(n, 1))),
         "transcripts_per_100um": genes / region_area * 100.0,
@@ -298,12 +347,16 @@ def _experiment_fields(n: int, xy_um: np.ndarray, cell_area: np.ndarray, per_kin
         "total_cell_area": float(cell_area.sum()),
         "non_zero_matrix_entries": int(counts.nnz),
         "num_transcripts": int(counts.sum()),
-        "panel_type": "predesigned", "panel_name": "Synthetic skin panel (data_shards.synthetic)",
-        "panel_organism": "Human", "panel_tissue_type": "Skin",
-        "panel_num_targets_predesigned": int(len(per_kind)), "panel_num_targets_custom": 0,
+        "panel_type": "predesigned",
+        "panel_name": "Synthetic skin panel (data_shards.synthetic)",
+        "panel_organism": "Human",
+        "panel_tissue_type": "Skin",
+        "panel_num_targets_predesigned": int(len(per_kind)),
+        "panel_num_targets_custom": 0,
         "chemistry_version": "v1",
         "pixel_size": XENIUM_UM_PER_MORPHOLOGY_PX,
-        "instrument_sn": "synthetic", "instrument_sw_version": "synthetic",
+        "instrument_sn": "synthetic",
+        "instrument_sw_version": "synthetic",
         "analysis_sw_version": "xenium-3.0.0.15",
         "z_step_size": 3.0,
         "images": {
@@ -326,9 +379,18 @@ def _good_qv(rng: np.random.Generator, n: int) -> np.ndarray:
     return 20.0 + np.floor(rng.random(n) ** 0.3 * 81.0) / 4.0
 
 
-def _write_transcripts(path: Path, counts: sp.csr_matrix, panel, ids_arrow: pa.Array, xy_um: np.ndarray,
-                       shapes: tuple, rng: np.random.Generator, low_qv_fraction: float, unassigned_fraction: float,
-                       chunk_cells: int = 20000) -> None:
+def _write_transcripts(
+    path: Path,
+    counts: sp.csr_matrix,
+    panel,
+    ids_arrow: pa.Array,
+    xy_um: np.ndarray,
+    shapes: tuple,
+    rng: np.random.Generator,
+    low_qv_fraction: float,
+    unassigned_fraction: float,
+    chunk_cells: int = 20000,
+) -> None:
     """One row per counted molecule (qv ≥ 20, inside its cell), plus low-qv and unassigned ones."""
     cell_a, cell_b, nuc_a, nuc_b, angle = shapes
     n = counts.shape[0]
@@ -341,8 +403,16 @@ def _write_transcripts(path: Path, counts: sp.csr_matrix, panel, ids_arrow: pa.A
     n_counted = int(counts.sum())
     bar = tqdm(total=n_counted, desc="transcripts", unit="tx", leave=False, unit_scale=True)
 
-    def table(cell: np.ndarray, feature: np.ndarray, qv: np.ndarray, x: np.ndarray, y: np.ndarray,
-              in_nucleus: np.ndarray, nucleus_distance: np.ndarray, fov: np.ndarray) -> pa.Table:
+    def table(
+        cell: np.ndarray,
+        feature: np.ndarray,
+        qv: np.ndarray,
+        x: np.ndarray,
+        y: np.ndarray,
+        in_nucleus: np.ndarray,
+        nucleus_distance: np.ndarray,
+        fov: np.ndarray,
+    ) -> pa.Table:
         nonlocal next_id
         m = len(feature)
         tid = next_id + np.arange(m, dtype=np.uint64) * np.uint64(3)
@@ -350,24 +420,32 @@ def _write_transcripts(path: Path, counts: sp.csr_matrix, panel, ids_arrow: pa.A
         unassigned = cell < 0
         cell_col = ids_arrow.take(pa.array(np.where(unassigned, 0, cell)))
         cell_col = pc.if_else(pa.array(unassigned), pa.scalar("UNASSIGNED", pa.large_string()), cell_col)
-        return pa.table({
-            "transcript_id": tid,
-            "cell_id": cell_col,
-            "overlaps_nucleus": in_nucleus.astype(np.uint8),
-            "feature_name": names.take(pa.array(feature)),
-            "x_location": x.astype(np.float32), "y_location": y.astype(np.float32),
-            "z_location": rng.normal(9.0, 1.5, m).astype(np.float32),
-            "qv": qv.astype(np.float32),
-            "fov_name": fov_table.take(pa.array(fov)),
-            "nucleus_distance": nucleus_distance.astype(np.float32),
-            "codeword_index": panel.codeword_index[feature],
-            "codeword_category": categories.take(pa.array(feature)),
-            "is_gene": is_gene[feature],
-        }, schema=xw.TRANSCRIPTS_SCHEMA)
+        return pa.table(
+            {
+                "transcript_id": tid,
+                "cell_id": cell_col,
+                "overlaps_nucleus": in_nucleus.astype(np.uint8),
+                "feature_name": names.take(pa.array(feature)),
+                "x_location": x.astype(np.float32),
+                "y_location": y.astype(np.float32),
+                "z_location": rng.normal(9.0, 1.5, m).astype(np.float32),
+                "qv": qv.astype(np.float32),
+                "fov_name": fov_table.take(pa.array(fov)),
+                "nucleus_distance": nucleus_distance.astype(np.float32),
+                "codeword_index": panel.codeword_index[feature],
+                "codeword_category": categories.take(pa.array(feature)),
+                "is_gene": is_gene[feature],
+            },
+            schema=xw.TRANSCRIPTS_SCHEMA,
+        )
 
     # Snappy and dictionaries on the string columns only: about twice as fast to write as zstd.
-    with pq.ParquetWriter(path, xw.TRANSCRIPTS_SCHEMA, compression="snappy",
-                          use_dictionary=["cell_id", "feature_name", "fov_name", "codeword_category"]) as writer:
+    with pq.ParquetWriter(
+        path,
+        xw.TRANSCRIPTS_SCHEMA,
+        compression="snappy",
+        use_dictionary=["cell_id", "feature_name", "fov_name", "codeword_category"],
+    ) as writer:
         for start in range(0, n, chunk_cells):
             block = counts[start : min(start + chunk_cells, n)]
             row_of_nnz = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr)) + start
@@ -375,13 +453,17 @@ def _write_transcripts(path: Path, counts: sp.csr_matrix, panel, ids_arrow: pa.A
             feature = np.repeat(block.indices, block.data)
             good = len(cell)
             # Low-quality decodings: extra molecules in the same cells, never counted in the matrix.
-            extra = rng.integers(0, max(good, 1), size=rng.binomial(good, low_qv_fraction)) if good else np.zeros(0, int)
+            extra = (
+                rng.integers(0, max(good, 1), size=rng.binomial(good, low_qv_fraction)) if good else np.zeros(0, int)
+            )
             cell = np.concatenate([cell, cell[extra]])
             feature = np.concatenate([feature, feature[extra]])
-            qv = np.concatenate([
-                _good_qv(rng, good),
-                np.round(rng.uniform(5.0, 19.75, len(extra)) * 4) / 4,
-            ])
+            qv = np.concatenate(
+                [
+                    _good_qv(rng, good),
+                    np.round(rng.uniform(5.0, 19.75, len(extra)) * 4) / 4,
+                ]
+            )
             u, v = _points_in_ellipses(rng, cell_a[cell], cell_b[cell])
             rho = np.sqrt((u / nuc_a[cell]) ** 2 + (v / nuc_b[cell]) ** 2)
             inside = rho <= 1.0
@@ -391,8 +473,18 @@ def _write_transcripts(path: Path, counts: sp.csr_matrix, panel, ids_arrow: pa.A
             x = xy_um[cell, 0] + u * c - v * s
             y = xy_um[cell, 1] + u * s + v * c
             order = rng.permutation(len(cell))  # molecules are not grouped by cell in real files
-            writer.write_table(table(cell[order], feature[order], qv[order], x[order], y[order], inside[order],
-                                     distance[order], xw.fov_codes(x[order], y[order], n_fov_cols)))
+            writer.write_table(
+                table(
+                    cell[order],
+                    feature[order],
+                    qv[order],
+                    x[order],
+                    y[order],
+                    inside[order],
+                    distance[order],
+                    xw.fov_codes(x[order], y[order], n_fov_cols),
+                )
+            )
             bar.update(good)
         # Molecules outside every cell: genes, drawn like the counted ones, in the gaps between cells.
         n_free = int(round(unassigned_fraction * n_counted))
@@ -410,9 +502,18 @@ def _write_transcripts(path: Path, counts: sp.csr_matrix, panel, ids_arrow: pa.A
             gene_pool = np.flatnonzero(is_gene)
             feature = rng.choice(gene_pool, size=len(points))
             qv = _good_qv(rng, len(points))
-            writer.write_table(table(np.full(len(points), -1), feature, qv, points[:, 0], points[:, 1],
-                                     np.zeros(len(points), bool), np.maximum(dist - nuc_a[nearest], 0.0),
-                                     xw.fov_codes(points[:, 0], points[:, 1], n_fov_cols)))
+            writer.write_table(
+                table(
+                    np.full(len(points), -1),
+                    feature,
+                    qv,
+                    points[:, 0],
+                    points[:, 1],
+                    np.zeros(len(points), bool),
+                    np.maximum(dist - nuc_a[nearest], 0.0),
+                    xw.fov_codes(points[:, 0], points[:, 1], n_fov_cols),
+                )
+            )
     bar.close()
 
 
@@ -433,9 +534,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     setup_logging()
     truth = make_bundle(
-        args.out_dir, args.mode, n_cells=args.n_cells, seed=args.seed, slide_path=args.slide,
-        he_um_per_px=args.he_um_per_px, n_genes=args.n_genes, deformation_um=args.deformation_um,
-        n_keypoints=args.n_keypoints, keypoint_noise_um=args.keypoint_noise_um,
+        args.out_dir,
+        args.mode,
+        n_cells=args.n_cells,
+        seed=args.seed,
+        slide_path=args.slide,
+        he_um_per_px=args.he_um_per_px,
+        n_genes=args.n_genes,
+        deformation_um=args.deformation_um,
+        n_keypoints=args.n_keypoints,
+        keypoint_noise_um=args.keypoint_noise_um,
         write_transcripts={"auto": None, "yes": True, "no": False}[args.transcripts],
     )
     print(json.dumps({k: truth[k] for k in ("mode", "n_cells", "cell_type_counts", "rotation_deg", "seconds")}))

@@ -14,6 +14,7 @@ optical density (OD, unitless; ``-log10`` of transmitted light, as in
 The order of :data:`CELL_TYPES` is the ``cell_type_index`` used in the bundles' ground truth
 and in the expression programs (:mod:`data_shards.synthetic.panel`); do not reorder it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

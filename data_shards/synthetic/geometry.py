@@ -8,6 +8,7 @@ Map (Xenium µm → H&E level-0 pixels, x right, y down in both):
 The deformation is a small perturbation (its Jacobian stays near identity), so the inverse is
 found by fixed-point iteration y ← q - D(y), which converges geometrically.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -9,6 +9,7 @@ image shows: epidermis (a smoothed hematoxylin-rich region) holds keratinocytes,
 ``basal_depth_um`` of the dermis; in the dermis small, dark, round nuclei are immune cells,
 nuclei lining a lumen (small hole in the tissue) are endothelial, the rest fibroblasts.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,6 +21,7 @@ from scipy import ndimage as ndi
 from .cell_types import CELL_TYPES, LOOKS
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class CellTable:
@@ -78,16 +80,21 @@ def _ellipses(labels: np.ndarray, n: int, hema: np.ndarray) -> dict[str, np.ndar
     lab = flat[on]
     rows, cols = np.divmod(np.flatnonzero(on), labels.shape[1])
     count = np.bincount(lab, minlength=n + 1)[1:].astype(np.float64)
+
     def mean(values):
         return np.bincount(lab, weights=values, minlength=n + 1)[1:] / np.maximum(count, 1)
+
     cx, cy = mean(cols.astype(np.float64)), mean(rows.astype(np.float64))
     dx, dy = cols - cx[lab - 1], rows - cy[lab - 1]
     sxx, syy, sxy = mean(dx * dx) + 1 / 12, mean(dy * dy) + 1 / 12, mean(dx * dy)
     half_trace, root = (sxx + syy) / 2, np.sqrt(((sxx - syy) / 2) ** 2 + sxy**2)
     l1, l2 = half_trace + root, np.maximum(half_trace - root, 1e-6)
     return {
-        "area_px": count, "cx": cx, "cy": cy,
-        "major_px": 2 * np.sqrt(l1), "minor_px": 2 * np.sqrt(l2),  # semi-axes of the equal-moment ellipse
+        "area_px": count,
+        "cx": cx,
+        "cy": cy,
+        "major_px": 2 * np.sqrt(l1),
+        "minor_px": 2 * np.sqrt(l2),  # semi-axes of the equal-moment ellipse
         "angle_rad": 0.5 * np.arctan2(2 * sxy, sxx - syy),  # from +x toward +y
         "eccentricity": np.sqrt(1 - l2 / l1),
         "hematoxylin": mean(hema.ravel()[on].astype(np.float64)),
@@ -165,12 +172,18 @@ def detect_nuclei(
     types[stroma & (lumen_dist_um <= lumen_distance_um)] = CELL_TYPES.index("endothelial")
     types[stroma & small & dark & (props["eccentricity"] < 0.85)] = CELL_TYPES.index("immune")
     return CellTable(
-        xy, props["major_px"], np.minimum(props["minor_px"], props["major_px"]), props["angle_rad"], types,
-        props["hematoxylin"], context_eosin.astype(np.float64),
+        xy,
+        props["major_px"],
+        np.minimum(props["minor_px"], props["major_px"]),
+        props["angle_rad"],
+        types,
+        props["hematoxylin"],
+        context_eosin.astype(np.float64),
     )
 
 
 # ---------------------------------------------------------------- procedural tissue
+
 
 @dataclass
 class ProceduralLayout:
@@ -191,15 +204,20 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma_px: fl
 
 
 def procedural_layout(
-    rng: np.random.Generator, n_cells: int, he_um_per_px: float, um2_per_cell: float = 110.0,
+    rng: np.random.Generator,
+    n_cells: int,
+    he_um_per_px: float,
+    um2_per_cell: float = 110.0,
     field_um_per_px: float = 8.0,
 ) -> ProceduralLayout:
     """Size the slide so ``n_cells`` fit at about ``um2_per_cell`` µm² of tissue each, and draw its fields."""
     tissue_fraction = 0.72
     side_um = float(np.sqrt(n_cells * um2_per_cell / tissue_fraction))
     shape_px = (int(np.ceil(side_um * 0.9 / he_um_per_px)), int(np.ceil(side_um / 0.9 / he_um_per_px)))
-    fshape = (max(8, int(np.ceil(shape_px[0] * he_um_per_px / field_um_per_px))),
-              max(8, int(np.ceil(shape_px[1] * he_um_per_px / field_um_per_px))))
+    fshape = (
+        max(8, int(np.ceil(shape_px[0] * he_um_per_px / field_um_per_px))),
+        max(8, int(np.ceil(shape_px[1] * he_um_per_px / field_um_per_px))),
+    )
     yy, xx = np.mgrid[0 : fshape[0], 0 : fshape[1]]
     # A rounded slab of tissue with wavy edges, white glass around it.
     ry = (yy + 0.5) / fshape[0] * 2 - 1
@@ -256,8 +274,9 @@ def procedural_cells(rng: np.random.Generator, layout: ProceduralLayout, n_cells
     types[stroma & (v > 0.92)] = CELL_TYPES.index("endothelial")
 
     # Nucleus look per cell (the cell_types table): (semi-major µm, semi-minor µm, hematoxylin OD).
-    shape = np.array([(LOOKS[t].nucleus_semi_major_um, LOOKS[t].nucleus_semi_minor_um, LOOKS[t].hematoxylin_od)
-                      for t in CELL_TYPES])[types]  # (n, 3)
+    shape = np.array(
+        [(LOOKS[t].nucleus_semi_major_um, LOOKS[t].nucleus_semi_minor_um, LOOKS[t].hematoxylin_od) for t in CELL_TYPES]
+    )[types]  # (n, 3)
     jitter = rng.lognormal(0.0, 0.12, size=(n_cells, 2))
     major = shape[:, 0] * jitter[:, 0] / um
     minor = np.minimum(shape[:, 1] * jitter[:, 1] / um, major)
@@ -329,8 +348,10 @@ class ProceduralRenderer:
 
         rows, wy = weights(ys_px, layout.tissue.shape[0])
         cols, wx = weights(xs_px, layout.tissue.shape[1])
-        return [wy @ field[rows, cols].astype(np.float32) @ wx.T
-                for field in (layout.tissue, layout.epithelium, layout.eosin)]
+        return [
+            wy @ field[rows, cols].astype(np.float32) @ wx.T
+            for field in (layout.tissue, layout.epithelium, layout.eosin)
+        ]
 
     def tile(self, level: int, y0: int, x0: int) -> np.ndarray:
         """uint8 (tile_px, tile_px, 3) RGB of the tile whose top-left is (x0, y0) in level px."""

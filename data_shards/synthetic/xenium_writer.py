@@ -5,6 +5,7 @@ Formats follow XOA 3.x: ``experiment.xenium`` (JSON, ``major_version`` 5), ``cel
 ``cell_boundaries.parquet`` / ``nucleus_boundaries.parquet`` (one row per vertex, first vertex
 repeated) and ``transcripts.parquet`` (one row per decoded transcript). All lengths are µm.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -20,45 +21,51 @@ from common.atomic import write_json
 
 PIXEL_SIZE_UM = 0.2125
 
-CELLS_SCHEMA = pa.schema([
-    ("cell_id", pa.large_string()),
-    ("x_centroid", pa.float64()),
-    ("y_centroid", pa.float64()),
-    ("transcript_counts", pa.int64()),
-    ("control_probe_counts", pa.int64()),
-    ("genomic_control_counts", pa.int64()),
-    ("control_codeword_counts", pa.int64()),
-    ("unassigned_codeword_counts", pa.int64()),
-    ("deprecated_codeword_counts", pa.int64()),
-    ("total_counts", pa.int64()),
-    ("cell_area", pa.float64()),
-    ("nucleus_area", pa.float64()),
-    ("nucleus_count", pa.int64()),
-    ("segmentation_method", pa.large_string()),
-])
+CELLS_SCHEMA = pa.schema(
+    [
+        ("cell_id", pa.large_string()),
+        ("x_centroid", pa.float64()),
+        ("y_centroid", pa.float64()),
+        ("transcript_counts", pa.int64()),
+        ("control_probe_counts", pa.int64()),
+        ("genomic_control_counts", pa.int64()),
+        ("control_codeword_counts", pa.int64()),
+        ("unassigned_codeword_counts", pa.int64()),
+        ("deprecated_codeword_counts", pa.int64()),
+        ("total_counts", pa.int64()),
+        ("cell_area", pa.float64()),
+        ("nucleus_area", pa.float64()),
+        ("nucleus_count", pa.int64()),
+        ("segmentation_method", pa.large_string()),
+    ]
+)
 
-BOUNDARY_SCHEMA = pa.schema([
-    ("cell_id", pa.large_string()),
-    ("vertex_x", pa.float32()),
-    ("vertex_y", pa.float32()),
-    ("label_id", pa.uint32()),
-])
+BOUNDARY_SCHEMA = pa.schema(
+    [
+        ("cell_id", pa.large_string()),
+        ("vertex_x", pa.float32()),
+        ("vertex_y", pa.float32()),
+        ("label_id", pa.uint32()),
+    ]
+)
 
-TRANSCRIPTS_SCHEMA = pa.schema([
-    ("transcript_id", pa.uint64()),
-    ("cell_id", pa.large_string()),
-    ("overlaps_nucleus", pa.uint8()),
-    ("feature_name", pa.large_string()),
-    ("x_location", pa.float32()),
-    ("y_location", pa.float32()),
-    ("z_location", pa.float32()),
-    ("qv", pa.float32()),
-    ("fov_name", pa.large_string()),
-    ("nucleus_distance", pa.float32()),
-    ("codeword_index", pa.int32()),
-    ("codeword_category", pa.large_string()),
-    ("is_gene", pa.bool_()),
-])
+TRANSCRIPTS_SCHEMA = pa.schema(
+    [
+        ("transcript_id", pa.uint64()),
+        ("cell_id", pa.large_string()),
+        ("overlaps_nucleus", pa.uint8()),
+        ("feature_name", pa.large_string()),
+        ("x_location", pa.float32()),
+        ("y_location", pa.float32()),
+        ("z_location", pa.float32()),
+        ("qv", pa.float32()),
+        ("fov_name", pa.large_string()),
+        ("nucleus_distance", pa.float32()),
+        ("codeword_index", pa.int32()),
+        ("codeword_category", pa.large_string()),
+        ("is_gene", pa.bool_()),
+    ]
+)
 
 
 def xenium_cell_ids(n: int, first: int = 0) -> np.ndarray:
@@ -71,8 +78,9 @@ def xenium_cell_ids(n: int, first: int = 0) -> np.ndarray:
     return np.ascontiguousarray(raw).view("S10").ravel().astype(str)
 
 
-def ellipse_polygons(center_xy: np.ndarray, semi_major: np.ndarray, semi_minor: np.ndarray, angle_rad: np.ndarray,
-                     n_vertices: int) -> np.ndarray:
+def ellipse_polygons(
+    center_xy: np.ndarray, semi_major: np.ndarray, semi_minor: np.ndarray, angle_rad: np.ndarray, n_vertices: int
+) -> np.ndarray:
     """(n, n_vertices + 1, 2) closed polygons (first vertex repeated), counter-clockwise in x-right y-down."""
     t = np.linspace(0.0, 2 * np.pi, n_vertices, endpoint=False)
     t = np.append(t, 0.0)
@@ -107,17 +115,29 @@ def write_boundaries(path: Path, cell_ids: pa.Array, polygons: np.ndarray, chunk
             stop = min(start + chunk_cells, n)
             cell_index = np.repeat(np.arange(start, stop), v)
             block = polygons[start:stop].reshape(-1, 2)
-            writer.write_table(pa.table({
-                "cell_id": cell_ids.take(pa.array(cell_index)),
-                "vertex_x": block[:, 0].astype(np.float32),
-                "vertex_y": block[:, 1].astype(np.float32),
-                "label_id": (cell_index + 1).astype(np.uint32),
-            }, schema=BOUNDARY_SCHEMA))
+            writer.write_table(
+                pa.table(
+                    {
+                        "cell_id": cell_ids.take(pa.array(cell_index)),
+                        "vertex_x": block[:, 0].astype(np.float32),
+                        "vertex_y": block[:, 1].astype(np.float32),
+                        "label_id": (cell_index + 1).astype(np.uint32),
+                    },
+                    schema=BOUNDARY_SCHEMA,
+                )
+            )
 
 
-def write_feature_matrix(path: Path, counts: sp.csr_matrix, barcodes: np.ndarray, feature_ids: np.ndarray,
-                         feature_names: np.ndarray, feature_types: np.ndarray, genome: str = "GRCh38",
-                         software_version: str = "xenium-3.0.0.15") -> None:
+def write_feature_matrix(
+    path: Path,
+    counts: sp.csr_matrix,
+    barcodes: np.ndarray,
+    feature_ids: np.ndarray,
+    feature_names: np.ndarray,
+    feature_types: np.ndarray,
+    genome: str = "GRCh38",
+    software_version: str = "xenium-3.0.0.15",
+) -> None:
     """10x HDF5 v3: ``counts`` is (n_cells, n_features); stored as CSC (features × cells)."""
     counts = sp.csr_matrix(counts)
     counts.sort_indices()

@@ -14,6 +14,7 @@ embeddings, ``obs`` = the sample json with ``slide``, ``cell_id``, ``x_um``, ``y
 (``PASTModel.encode_cell``); ``cell`` = the transformer's pooled cell feature; ``fused`` = the
 cell feature fused with the neighbourhood graph, before the projection.
 """
+
 from __future__ import annotations
 
 import logging
@@ -46,17 +47,25 @@ def check_vocabulary(manifest: Mapping[str, Any], manifest_path: str | Path, cel
     if shard_sha is None:
         raise InputError(manifest_path, "vocabulary.sha256", "the vocabulary the shards were tokenised with", None)
     if shard_sha != encoder_sha:
-        raise InputError(manifest_path, "vocabulary.sha256",
-                         f"the cell encoder's vocabulary {encoder_sha} (re-tokenise the cells with its vocab.tsv)",
-                         shard_sha)
+        raise InputError(
+            manifest_path,
+            "vocabulary.sha256",
+            f"the cell encoder's vocabulary {encoder_sha} (re-tokenise the cells with its vocab.tsv)",
+            shard_sha,
+        )
     shard_length = int((manifest.get("config") or {}).get("tokens", {}).get("context_length", -1))
     if shard_length not in (-1, int(cell_encoder.tokenizer["context_length"])):
-        raise InputError(manifest_path, "config.tokens.context_length",
-                         f"the cell encoder's context length {cell_encoder.tokenizer['context_length']}", shard_length)
+        raise InputError(
+            manifest_path,
+            "config.tokens.context_length",
+            f"the cell encoder's context length {cell_encoder.tokenizer['context_length']}",
+            shard_length,
+        )
 
 
-def iter_cell_batches(manifest: Mapping[str, Any], shards: Sequence[Mapping[str, Any]], batch_size: int
-                      ) -> Iterator[tuple[list[dict], dict[str, torch.Tensor]]]:
+def iter_cell_batches(
+    manifest: Mapping[str, Any], shards: Sequence[Mapping[str, Any]], batch_size: int
+) -> Iterator[tuple[list[dict], dict[str, torch.Tensor]]]:
     """(sample jsons, cell-tower inputs) per batch of up to ``batch_size`` cells, manifest order.
 
     Inputs: ``tokens`` int64 (B, L), ``nbr_tokens`` int64 (N, L), ``nbr_offsets_um`` float32
@@ -94,8 +103,14 @@ def iter_cell_batches(manifest: Mapping[str, Any], shards: Sequence[Mapping[str,
 
 
 @torch.no_grad()
-def embed_cells(cell_encoder, manifest_path: str | Path, out_dir: str | Path, batch_size: int = 256,
-                which: str = "projected", progress: bool = True) -> dict[str, Path]:
+def embed_cells(
+    cell_encoder,
+    manifest_path: str | Path,
+    out_dir: str | Path,
+    batch_size: int = 256,
+    which: str = "projected",
+    progress: bool = True,
+) -> dict[str, Path]:
     """Embed every cell of the shards with ``cell_encoder`` (``pretrain.export.load_cell_encoder``).
 
     Writes ``<out_dir>/<slide>.h5ad`` per slide (see the module docstring) and updates
@@ -113,8 +128,11 @@ def embed_cells(cell_encoder, manifest_path: str | Path, out_dir: str | Path, ba
     by_slide: dict[str, list[dict]] = defaultdict(list)
     for shard in manifest["shards"]:
         by_slide[str(shard["slide"])].append(shard)
-    info = {"which": which, "dim": None, "encoder": {"source": "past-cell-encoder",
-                                                    "config": cell_encoder.config.get("model", {})}}
+    info = {
+        "which": which,
+        "dim": None,
+        "encoder": {"source": "past-cell-encoder", "config": cell_encoder.config.get("model", {})},
+    }
     written, index = {}, {}
     cell_encoder.eval()
     for slide, shards in by_slide.items():
@@ -132,8 +150,9 @@ def embed_cells(cell_encoder, manifest_path: str | Path, out_dir: str | Path, ba
                 rows.extend(metas)
                 bar.update(len(metas))
         if len(rows) != n_cells:
-            raise InputError(Path(manifest["root"]), f"slide {slide}", f"{n_cells} samples (as the manifest says)",
-                             len(rows))
+            raise InputError(
+                Path(manifest["root"]), f"slide {slide}", f"{n_cells} samples (as the manifest says)", len(rows)
+            )
         embeddings = np.concatenate(chunks).astype(np.float32)  # (n_cells, dim)
         obs = obs_table(rows, Path(manifest["root"]))
         obs.index = pd.Index(obs["cell_id"].to_numpy(dtype=str), name="obs_id")
@@ -141,8 +160,7 @@ def embed_cells(cell_encoder, manifest_path: str | Path, out_dir: str | Path, ba
         slide_info = {"kind": "cells", "manifest": str(Path(manifest["root"]) / "manifest.json"), **info}
         written[slide] = write_embeddings(out_dir / f"{slide}.h5ad", embeddings, obs, slide_info)
         index[slide] = {"file": written[slide].name, "n": len(obs), "dim": info["dim"], "kind": "cells"}
-        log.info("%s: %d cell-encoder embeddings (%d-d, %s) → %s", slide, len(obs), info["dim"], which,
-                 written[slide])
+        log.info("%s: %d cell-encoder embeddings (%d-d, %s) → %s", slide, len(obs), info["dim"], which, written[slide])
     update_index(out_dir, index, info)
     return written
 

@@ -1,26 +1,18 @@
-"""Typed settings of ``launch/finetune.py embed`` (:func:`finetune.embed.run_embed`), and the encoder section
-every head shares.
+"""Typed settings of ``launch/finetune.py embed`` (:func:`finetune.embed.run_embed`); the encoder section every head
+shares is :class:`finetune.encoders.EncoderConfig`.
 
 :func:`common.config.load_config` checks a YAML file and ``key=value`` overrides against
 :class:`EmbedConfig` (unknown keys and wrong types refused, with the closest valid key named);
 ``run_embed`` calls :func:`common.config.apply_schema` on what it is given, so a dict from a test or
 a notebook is checked the same way.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-
-@dataclass
-class EncoderConfig:
-    """An image encoder for :func:`finetune.encoders.load_encoder`."""
-
-    source: str = "export"  # export (a `launch/export.py` folder) | timm (arch, kwargs, weights) | random (arch, kwargs)
-    path: Optional[str] = None  # source=export: the export folder (or its image_encoder/)
-    arch: Optional[str] = None  # source=timm|random: the timm architecture name
-    kwargs: dict[str, Any] = field(default_factory=dict)  # timm model kwargs (img_size, patch_size, ...); timm's keys
-    weights: Optional[str] = None  # source=timm: a local weights file (no downloads at run time)
+from ..encoders import EncoderConfig
 
 
 @dataclass
@@ -70,4 +62,4 @@ class EmbedConfig:
     cells: CellEncoderConfig = field(default_factory=CellEncoderConfig)  # cell-encoder embeddings of the shards
 
 
-__all__ = ["EncoderConfig", "WholeSlideConfig", "TilesConfig", "CellEncoderConfig", "EmbedConfig"]
+__all__ = ["WholeSlideConfig", "TilesConfig", "CellEncoderConfig", "EmbedConfig"]

@@ -5,6 +5,7 @@
 - :func:`embed_shards`: every sample of a manifest, one ``<out_dir>/<slide>.h5ad`` per slide in the
   format of :mod:`finetune.embed.io`.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,9 @@ log = logging.getLogger(__name__)
 # Reading shards
 
 
-def iter_shard_samples(manifest: Mapping[str, Any], shards: Sequence[Mapping[str, Any]] | None = None,
-                       progress: bool = True) -> Iterator[tuple[dict, bytes]]:
+def iter_shard_samples(
+    manifest: Mapping[str, Any], shards: Sequence[Mapping[str, Any]] | None = None, progress: bool = True
+) -> Iterator[tuple[dict, bytes]]:
     """(sample json with ``key`` added, jpeg bytes) for every sample of ``shards`` (default: all)."""
 
     root = Path(manifest["root"])
@@ -73,8 +75,15 @@ def read_shard_cells(manifest_path: str | Path, progress: bool = True) -> tuple[
 
 
 @torch.no_grad()
-def embed_images(encoder: ImageEncoder, images: Iterable[np.ndarray | bytes], n_images: int | None = None,
-                 batch_size: int = 64, which: str = "backbone", progress: bool = True, desc: str = "embedding") -> np.ndarray:
+def embed_images(
+    encoder: ImageEncoder,
+    images: Iterable[np.ndarray | bytes],
+    n_images: int | None = None,
+    batch_size: int = 64,
+    which: str = "backbone",
+    progress: bool = True,
+    desc: str = "embedding",
+) -> np.ndarray:
     """float32 (n_images, dim) embeddings of uint8 (H, W, 3) images (or their JPEG bytes), in order."""
     check_which(which, encoder)
     if batch_size < 1:
@@ -102,16 +111,23 @@ def embed_images(encoder: ImageEncoder, images: Iterable[np.ndarray | bytes], n_
     return np.concatenate(chunks).astype(np.float32, copy=False)
 
 
-def _crops_recording_meta(manifest: Mapping[str, Any], shards: Sequence[Mapping[str, Any]],
-                          rows: list[dict]) -> Iterator[bytes]:
+def _crops_recording_meta(
+    manifest: Mapping[str, Any], shards: Sequence[Mapping[str, Any]], rows: list[dict]
+) -> Iterator[bytes]:
     """The JPEG crops of ``shards``, appending each sample's json to ``rows`` as it goes (one pass)."""
     for meta, jpeg in iter_shard_samples(manifest, shards, progress=False):
         rows.append(meta)
         yield jpeg
 
 
-def embed_shards(encoder: ImageEncoder, manifest_path: str | Path, out_dir: str | Path, batch_size: int = 64,
-                 which: str = "backbone", progress: bool = True) -> dict[str, Path]:
+def embed_shards(
+    encoder: ImageEncoder,
+    manifest_path: str | Path,
+    out_dir: str | Path,
+    batch_size: int = 64,
+    which: str = "backbone",
+    progress: bool = True,
+) -> dict[str, Path]:
     """Embed every shard sample; write ``<out_dir>/<slide>.h5ad`` per slide; {slide: path}.
 
     Slides are processed one at a time (a slide's shards are grouped in the manifest), so memory
@@ -128,10 +144,22 @@ def embed_shards(encoder: ImageEncoder, manifest_path: str | Path, out_dir: str 
     for slide, shards in by_slide.items():
         rows: list[dict] = []  # filled with each sample's json as its crop is read
         n_cells = sum(int(s["n_samples"]) for s in shards)
-        embeddings = embed_images(encoder, _crops_recording_meta(manifest, shards, rows), n_cells, batch_size, which, progress, desc=f"embed {slide}")
+        embeddings = embed_images(
+            encoder,
+            _crops_recording_meta(manifest, shards, rows),
+            n_cells,
+            batch_size,
+            which,
+            progress,
+            desc=f"embed {slide}",
+        )
         obs = obs_table(rows, Path(manifest["root"]))
         obs.index = pd.Index(obs["cell_id"].to_numpy(dtype=str), name="obs_id")
-        info = {"kind": "cells", "manifest": str(Path(manifest["root"]) / "manifest.json"), **encoder_info(encoder, which)}
+        info = {
+            "kind": "cells",
+            "manifest": str(Path(manifest["root"]) / "manifest.json"),
+            **encoder_info(encoder, which),
+        }
         written[slide] = write_embeddings(out_dir / f"{slide}.h5ad", embeddings, obs, info)
         index[slide] = {"file": written[slide].name, "n": len(obs), "dim": int(embeddings.shape[1]), "kind": "cells"}
         log.info("%s: %d cell embeddings (%d-d, %s) → %s", slide, len(obs), embeddings.shape[1], which, written[slide])

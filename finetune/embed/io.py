@@ -23,6 +23,7 @@ own frame (level-0 pixel × µm/pixel). Read a file back with ``anndata.read_h5a
 :func:`read_embeddings` (checked), or just its matrix with :func:`load_embedding_file`, which also
 accepts ``.npz`` (array ``embeddings``) and ``.npy`` files made elsewhere.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,8 +60,12 @@ def obs_table(rows: list[dict], where: Path) -> pd.DataFrame:
     duplicated = obs.duplicated(["slide", "cell_id"])
     if duplicated.any():
         first = obs[duplicated].iloc[0]
-        raise InputError(where, "sample json [cell_id]", "each (slide, cell_id) once in the shards",
-                         f"{int(duplicated.sum())} repeated, e.g. {first['slide']}/{first['cell_id']}")
+        raise InputError(
+            where,
+            "sample json [cell_id]",
+            "each (slide, cell_id) once in the shards",
+            f"{int(duplicated.sum())} repeated, e.g. {first['slide']}/{first['cell_id']}",
+        )
     ordered = [c for c in OBS_FIRST if c in obs.columns] + [c for c in obs.columns if c not in OBS_FIRST]
     return obs[ordered]
 
@@ -73,7 +78,8 @@ def write_embeddings(path: Path, embeddings: np.ndarray, obs: pd.DataFrame, info
             # h5ad needs one type per column; json fields can mix numbers, strings and None.
             obs[column] = pd.Categorical(obs[column].map(lambda v: "" if v is None else str(v)))
     adata = anndata.AnnData(
-        X=embeddings.astype(np.float32, copy=False), obs=obs,
+        X=embeddings.astype(np.float32, copy=False),
+        obs=obs,
         var=pd.DataFrame(index=[f"f{i}" for i in range(embeddings.shape[1])]),
     )
     adata.uns["embedding"] = json.loads(json.dumps(dict(info), default=str))
@@ -148,9 +154,20 @@ def find_embedding_file(folder: str | Path, slide_id: str) -> Path:
         candidate = folder / f"{slide_id}{suffix}"
         if candidate.is_file():
             return candidate
-    raise InputError(folder, f"slide {slide_id}", "an embedding file <slide_id>" + "|".join(EMBEDDING_SUFFIXES),
-                     "no such file")
+    raise InputError(
+        folder, f"slide {slide_id}", "an embedding file <slide_id>" + "|".join(EMBEDDING_SUFFIXES), "no such file"
+    )
 
 
-__all__ = ["INDEX_NAME", "EMBEDDING_SUFFIXES", "OBS_FIRST", "obs_table", "write_embeddings", "encoder_info",
-           "update_index", "read_embeddings", "load_embedding_file", "find_embedding_file"]
+__all__ = [
+    "INDEX_NAME",
+    "EMBEDDING_SUFFIXES",
+    "OBS_FIRST",
+    "obs_table",
+    "write_embeddings",
+    "encoder_info",
+    "update_index",
+    "read_embeddings",
+    "load_embedding_file",
+    "find_embedding_file",
+]

@@ -4,6 +4,7 @@ Settings: :class:`finetune.embed.config.EmbedConfig`. Outputs: the format of :mo
 in ``out_dir`` (cell-encoder embeddings under ``out_dir/cells``) and the resolved config as
 ``embed_config.yaml``.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,19 +52,33 @@ def run_embed(cfg) -> dict:
     for entry in cfg.slides:
         slide_id = entry.get("id") or Path(entry.path).name.split(".")[0]
         files[slide_id] = embed_slide_tiles(
-            encoder, entry.path, out_dir / f"{slide_id}.h5ad", tile_um_per_px=float(cfg.tiles.um_per_px),
-            tile_px=int(cfg.tiles.size_px), min_tissue_fraction=float(cfg.tiles.min_tissue_fraction),
-            batch_size=int(cfg.batch_size), which=cfg.which, slide_um_per_px=entry.get("um_per_px"), slide_id=slide_id,
+            encoder,
+            entry.path,
+            out_dir / f"{slide_id}.h5ad",
+            tile_um_per_px=float(cfg.tiles.um_per_px),
+            tile_px=int(cfg.tiles.size_px),
+            min_tissue_fraction=float(cfg.tiles.min_tissue_fraction),
+            batch_size=int(cfg.batch_size),
+            which=cfg.which,
+            slide_um_per_px=entry.get("um_per_px"),
+            slide_id=slide_id,
             meta=OmegaConf.to_container(entry.meta, resolve=True) if entry.get("meta") else None,
-            thumbnail_max_side=int(cfg.tiles.thumbnail_max_side), progress=bool(cfg.progress),
+            thumbnail_max_side=int(cfg.tiles.thumbnail_max_side),
+            progress=bool(cfg.progress),
         )
     result = {"out_dir": str(out_dir), "files": {k: str(v) for k, v in files.items()}}
     index = json.loads((out_dir / INDEX_NAME).read_text())
     result["n"] = {k: index["slides"][k]["n"] for k in files}
     if cfg.cells.encoder:
         cell_encoder = load_cell_encoder(cfg.cells.encoder, device=resolve_device(cfg.device))
-        cell_files = embed_cells(cell_encoder, cfg.shards, out_dir / "cells", int(cfg.cells.batch_size),
-                                 str(cfg.cells.which), bool(cfg.progress))
+        cell_files = embed_cells(
+            cell_encoder,
+            cfg.shards,
+            out_dir / "cells",
+            int(cfg.cells.batch_size),
+            str(cfg.cells.which),
+            bool(cfg.progress),
+        )
         result["cell_files"] = {k: str(v) for k, v in cell_files.items()}
     save_config(cfg, out_dir / "embed_config.yaml")
     return result

@@ -4,6 +4,7 @@
 thumbnail) reaches ``min_tissue_fraction`` and writes one ``.h5ad`` in the format of
 :mod:`finetune.embed.io` (obs: tile centre in µm and level-0 px, grid row/col, footprint, tissue fraction).
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,8 +27,9 @@ from .io import encoder_info, update_index, write_embeddings
 log = logging.getLogger(__name__)
 
 
-def tissue_tile_grid(shape_px: tuple[int, int], tile_size_px: float, mask: np.ndarray, mask_downsample: float,
-                     min_tissue_fraction: float) -> pd.DataFrame:
+def tissue_tile_grid(
+    shape_px: tuple[int, int], tile_size_px: float, mask: np.ndarray, mask_downsample: float, min_tissue_fraction: float
+) -> pd.DataFrame:
     """Tiles of side ``tile_size_px`` (level-0 px) covering a (height, width) slide, with their tissue fraction.
 
     ``mask`` is the (h, w) bool tissue mask of a thumbnail at ``mask_downsample`` level-0 px per
@@ -72,11 +74,22 @@ def read_tile(slide, x0_px: int, y0_px: int, size_px0: float, level: int, tile_p
     return region
 
 
-def embed_slide_tiles(encoder: ImageEncoder, slide_path: str | Path, out_path: str | Path, *,
-                      tile_um_per_px: float = 0.5, tile_px: int = 224, min_tissue_fraction: float = 0.5,
-                      batch_size: int = 64, which: str = "backbone", slide_um_per_px: float | None = None,
-                      slide_id: str | None = None, meta: Mapping[str, Any] | None = None,
-                      thumbnail_max_side: int = 2048, progress: bool = True) -> Path:
+def embed_slide_tiles(
+    encoder: ImageEncoder,
+    slide_path: str | Path,
+    out_path: str | Path,
+    *,
+    tile_um_per_px: float = 0.5,
+    tile_px: int = 224,
+    min_tissue_fraction: float = 0.5,
+    batch_size: int = 64,
+    which: str = "backbone",
+    slide_um_per_px: float | None = None,
+    slide_id: str | None = None,
+    meta: Mapping[str, Any] | None = None,
+    thumbnail_max_side: int = 2048,
+    progress: bool = True,
+) -> Path:
     """Embed the tissue tiles of a whole slide; write one ``.h5ad`` (see the module docstring).
 
     Each tile covers ``tile_px × tile_um_per_px`` µm and is read from the coarsest pyramid level
@@ -93,39 +106,68 @@ def embed_slide_tiles(encoder: ImageEncoder, slide_path: str | Path, out_path: s
     with Slide(slide_path, um_per_px=slide_um_per_px) as slide:
         size_px0 = tile_px * tile_um_per_px / slide.um_per_px  # tile side in level-0 px
         if size_px0 < tile_px * 0.99:
-            log.warning("%s: tiles at %.3f µm/px are finer than the slide's %.3f µm/px; upsampling", slide_path,
-                        tile_um_per_px, slide.um_per_px)
+            log.warning(
+                "%s: tiles at %.3f µm/px are finer than the slide's %.3f µm/px; upsampling",
+                slide_path,
+                tile_um_per_px,
+                slide.um_per_px,
+            )
         thumbnail, thumb_downsample = slide.thumbnail(thumbnail_max_side)
         mask = tissue_mask(thumbnail)  # (h, w) bool at thumb_downsample level-0 px per px
         n_grid = int(slide.shape[0] // size_px0) * int(slide.shape[1] // size_px0)
         grid = tissue_tile_grid(slide.shape, size_px0, mask, thumb_downsample, min_tissue_fraction)
         level = slide.best_level(size_px0 / tile_px)
-        log.info("%s: %d of %d tiles (%d px at %.3f µm/px, level %d) on tissue", slide_path.name, len(grid), n_grid,
-                 tile_px, tile_um_per_px, level)
-        tiles = (read_tile(slide, x0, y0, size_px0, level, int(tile_px))
-                 for x0, y0 in zip(grid["tile_x0_px"], grid["tile_y0_px"]))
+        log.info(
+            "%s: %d of %d tiles (%d px at %.3f µm/px, level %d) on tissue",
+            slide_path.name,
+            len(grid),
+            n_grid,
+            tile_px,
+            tile_um_per_px,
+            level,
+        )
+        tiles = (
+            read_tile(slide, x0, y0, size_px0, level, int(tile_px))
+            for x0, y0 in zip(grid["tile_x0_px"], grid["tile_y0_px"])
+        )
         embeddings = embed_images(encoder, tiles, len(grid), batch_size, which, progress, desc=f"tiles {slide_id}")
         um_per_px = float(slide.um_per_px)
     centre_x_px = grid["tile_x0_px"].to_numpy(float) + size_px0 / 2
     centre_y_px = grid["tile_y0_px"].to_numpy(float) + size_px0 / 2
-    obs = pd.DataFrame({
-        "slide": slide_id,
-        "x_um": centre_x_px * um_per_px, "y_um": centre_y_px * um_per_px,
-        "he_x_px": centre_x_px, "he_y_px": centre_y_px,
-        "row": grid["row"].to_numpy(), "col": grid["col"].to_numpy(),
-        "tile_x0_px": grid["tile_x0_px"].to_numpy(), "tile_y0_px": grid["tile_y0_px"].to_numpy(),
-        "tile_size_px": np.full(len(grid), size_px0), "tissue_fraction": grid["tissue_fraction"].to_numpy(),
-    }, index=pd.Index([f"tile_{r}_{c}" for r, c in zip(grid["row"], grid["col"])], name="obs_id"))
+    obs = pd.DataFrame(
+        {
+            "slide": slide_id,
+            "x_um": centre_x_px * um_per_px,
+            "y_um": centre_y_px * um_per_px,
+            "he_x_px": centre_x_px,
+            "he_y_px": centre_y_px,
+            "row": grid["row"].to_numpy(),
+            "col": grid["col"].to_numpy(),
+            "tile_x0_px": grid["tile_x0_px"].to_numpy(),
+            "tile_y0_px": grid["tile_y0_px"].to_numpy(),
+            "tile_size_px": np.full(len(grid), size_px0),
+            "tissue_fraction": grid["tissue_fraction"].to_numpy(),
+        },
+        index=pd.Index([f"tile_{r}_{c}" for r, c in zip(grid["row"], grid["col"])], name="obs_id"),
+    )
     for key, value in (meta or {}).items():
         obs[key] = value
     info = {
-        "kind": "tiles", "slide_path": str(slide_path), "slide_um_per_px": um_per_px, "tile_um_per_px": float(tile_um_per_px),
-        "tile_px": int(tile_px), "min_tissue_fraction": float(min_tissue_fraction), "n_grid_tiles": n_grid,
+        "kind": "tiles",
+        "slide_path": str(slide_path),
+        "slide_um_per_px": um_per_px,
+        "tile_um_per_px": float(tile_um_per_px),
+        "tile_px": int(tile_px),
+        "min_tissue_fraction": float(min_tissue_fraction),
+        "n_grid_tiles": n_grid,
         **encoder_info(encoder, which),
     }
     write_embeddings(out_path, embeddings, obs, info)
-    update_index(out_path.parent, {slide_id: {"file": out_path.name, "n": len(obs), "dim": int(embeddings.shape[1]),
-                                               "kind": "tiles"}}, encoder_info(encoder, which))
+    update_index(
+        out_path.parent,
+        {slide_id: {"file": out_path.name, "n": len(obs), "dim": int(embeddings.shape[1]), "kind": "tiles"}},
+        encoder_info(encoder, which),
+    )
     log.info("%s: %d tile embeddings → %s", slide_id, len(obs), out_path)
     return out_path
 

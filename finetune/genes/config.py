@@ -5,12 +5,13 @@
 ``run_genes`` calls :func:`common.config.apply_schema` on what it is given, so a dict from a test
 or a notebook is checked the same way.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..embed.config import EncoderConfig
+from ..encoders import EncoderConfig
 
 
 @dataclass
@@ -96,7 +97,9 @@ class GenesConfig:
     data: GenesDataConfig = field(default_factory=GenesDataConfig)  # the cells
     encoder: EncoderConfig = field(default_factory=EncoderConfig)  # the image encoder under test
     baseline: Optional[str] = "random"  # random (same architecture, random weights) | none
-    setting: str = "intra"  # intra (held-out blocks of a slide) | inter (held-out patients) | cross (held-out cancer type)
+    setting: str = (
+        "intra"  # intra (held-out blocks of a slide) | inter (held-out patients) | cross (held-out cancer type)
+    )
     split: SplitConfig = field(default_factory=SplitConfig)  # train/test split
     genes: GeneListsConfig = field(default_factory=GeneListsConfig)  # the genes to predict
     modes: list[str] = field(default_factory=lambda: ["linear_probe"])  # linear_probe and/or finetune
@@ -107,5 +110,14 @@ class GenesConfig:
     figure: FigureConfig = field(default_factory=FigureConfig)  # spatial maps
 
 
-__all__ = ["GenesConfig", "GenesDataConfig", "SplitConfig", "GeneListsConfig", "GenesEmbedConfig",
-           "LinearProbeConfig", "FinetuneConfig", "ClusteringConfig", "FigureConfig"]
+__all__ = [
+    "GenesConfig",
+    "GenesDataConfig",
+    "SplitConfig",
+    "GeneListsConfig",
+    "GenesEmbedConfig",
+    "LinearProbeConfig",
+    "FinetuneConfig",
+    "ClusteringConfig",
+    "FigureConfig",
+]

@@ -8,6 +8,7 @@ config), log-normalised over the whole panel (``normalize_total`` to 10,000 coun
 Genes (``genes.<setting>``): an explicit list (or a file of one gene per line); when null, the
 ``genes.n_top`` most highly variable genes of the training cells (scanpy, Seurat flavour).
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,8 +44,11 @@ class CellData:
 
 def log_normalise(adata: anndata.AnnData, target_sum: float = 1e4) -> anndata.AnnData:
     """Counts → log1p(counts / cell total × ``target_sum``) (scanpy), as float32; a new AnnData."""
-    out = anndata.AnnData(X=sp.csr_matrix(adata.X, dtype=np.float32), obs=pd.DataFrame(index=adata.obs_names),
-                          var=pd.DataFrame(index=adata.var_names))
+    out = anndata.AnnData(
+        X=sp.csr_matrix(adata.X, dtype=np.float32),
+        obs=pd.DataFrame(index=adata.obs_names),
+        var=pd.DataFrame(index=adata.var_names),
+    )
     sc.pp.normalize_total(out, target_sum=target_sum)
     sc.pp.log1p(out)
     return out
@@ -62,19 +66,31 @@ def resolve_bundle(slide: str, manifest: Mapping[str, Any], overrides: Mapping[s
     entry = (manifest.get("slides") or {}).get(slide) or {}
     recorded = entry.get("bundle")
     if not recorded:
-        raise InputError(manifest_file, f"slides.{slide}.bundle", "the slide's Xenium bundle (or data.bundles in the "
-                         "config)", "missing")
+        raise InputError(
+            manifest_file,
+            f"slides.{slide}.bundle",
+            "the slide's Xenium bundle (or data.bundles in the config)",
+            "missing",
+        )
     recorded = Path(recorded)
     root = Path(manifest["root"]).resolve()
-    candidates = [recorded] if recorded.is_absolute() else [recorded, *(base / recorded for base in [root, *root.parents][:4])]
+    candidates = (
+        [recorded] if recorded.is_absolute() else [recorded, *(base / recorded for base in [root, *root.parents][:4])]
+    )
     for candidate in candidates:
         if candidate.is_dir():
             return candidate
-    raise InputError(manifest_file, f"slides.{slide}.bundle", "an existing Xenium bundle folder (set data.bundles."
-                     f"{slide} if it moved)", str(recorded))
+    raise InputError(
+        manifest_file,
+        f"slides.{slide}.bundle",
+        f"an existing Xenium bundle folder (set data.bundles.{slide} if it moved)",
+        str(recorded),
+    )
 
 
-def load_cell_data(manifest_path: str | Path, bundles: Mapping[str, str] | None = None, progress: bool = True) -> CellData:
+def load_cell_data(
+    manifest_path: str | Path, bundles: Mapping[str, str] | None = None, progress: bool = True
+) -> CellData:
     """Shard cells joined by (slide, cell_id) to the log-normalised expression of their bundles."""
     manifest = load_manifest(manifest_path)
     manifest_file = Path(manifest["root"]) / "manifest.json"
@@ -90,8 +106,12 @@ def load_cell_data(manifest_path: str | Path, bundles: Mapping[str, str] | None 
         cell_ids = obs["cell_id"].to_numpy()[slide_rows]
         missing = ~pd.Index(cell_ids).isin(expression.obs_names)
         if missing.any():
-            raise InputError(bundle, "cell_id", f"every shard cell of slide '{slide}' among the bundle's cells",
-                             f"{int(missing.sum())} missing, e.g. {cell_ids[missing][0]!r}")
+            raise InputError(
+                bundle,
+                "cell_id",
+                f"every shard cell of slide '{slide}' among the bundle's cells",
+                f"{int(missing.sum())} missing, e.g. {cell_ids[missing][0]!r}",
+            )
         per_slide.append(expression[cell_ids])
         rows.append(slide_rows)
     shared = list(per_slide[0].var_names)
@@ -105,13 +125,16 @@ def load_cell_data(manifest_path: str | Path, bundles: Mapping[str, str] | None 
     # Put expression rows back in the cell table's order.
     inverse = np.empty_like(order)
     inverse[order] = np.arange(len(order))
-    expression = anndata.AnnData(X=matrix_rows[inverse], obs=pd.DataFrame(index=obs.index.astype(str)),
-                                 var=pd.DataFrame(index=shared))
+    expression = anndata.AnnData(
+        X=matrix_rows[inverse], obs=pd.DataFrame(index=obs.index.astype(str)), var=pd.DataFrame(index=shared)
+    )
     log.info("%d cells from %d slides, %d genes shared by every bundle", len(obs), len(per_slide), len(shared))
     return CellData(obs=obs, jpegs=jpegs, expression=expression, manifest_path=manifest_file)
 
 
-def select_genes(train_expression: anndata.AnnData, setting: str, genes_cfg: Mapping[str, Any]) -> tuple[list[str], str]:
+def select_genes(
+    train_expression: anndata.AnnData, setting: str, genes_cfg: Mapping[str, Any]
+) -> tuple[list[str], str]:
     """The genes to predict for ``setting``: the configured list, or the top-N HVGs of the training cells."""
     chosen = genes_cfg.get(setting)
     available = list(train_expression.var_names)
@@ -119,19 +142,33 @@ def select_genes(train_expression: anndata.AnnData, setting: str, genes_cfg: Map
         if isinstance(chosen, str):
             path = Path(chosen)
             if not path.is_file():
-                raise InputError(path, f"genes.{setting}", "a list of genes or a file with one gene per line", "no such file")
-            chosen = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+                raise InputError(
+                    path, f"genes.{setting}", "a list of genes or a file with one gene per line", "no such file"
+                )
+            chosen = [
+                line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")
+            ]
         chosen = [str(g) for g in chosen]
         missing = [g for g in chosen if g not in set(available)]
         if missing:
-            raise InputError(None, f"genes.{setting}", "genes measured in every slide's bundle",
-                             f"{len(missing)} unknown, e.g. {missing[:5]}")
+            raise InputError(
+                None,
+                f"genes.{setting}",
+                "genes measured in every slide's bundle",
+                f"{len(missing)} unknown, e.g. {missing[:5]}",
+            )
         return list(dict.fromkeys(chosen)), "configured list"
     n_top = int(genes_cfg.get("n_top") or 50)
     if n_top < 1:
         raise InputError(None, "genes.n_top", "a positive number of genes", n_top)
-    variable = np.asarray(train_expression.X.toarray().std(axis=0) if sp.issparse(train_expression.X)
-                          else train_expression.X.std(axis=0)) > 0
+    variable = (
+        np.asarray(
+            train_expression.X.toarray().std(axis=0)
+            if sp.issparse(train_expression.X)
+            else train_expression.X.std(axis=0)
+        )
+        > 0
+    )
     candidates = train_expression[:, variable].copy()
     if candidates.n_vars == 0:
         raise InputError(None, "genes", "genes that vary across training cells", "every gene is constant")

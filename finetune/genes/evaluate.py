@@ -16,6 +16,7 @@ Leiden runs on ``igraph`` (a dependency; ``leidenalg`` is used when only it is i
 graph uses scanpy's Gaussian kernel (``method="gauss"``) because UMAP's kernel compiles numba code
 for a minute on first use.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -39,7 +40,9 @@ log = logging.getLogger(__name__)
 
 def gene_table(genes: Sequence[str], measured: np.ndarray, predictions: Mapping[str, np.ndarray]) -> pd.DataFrame:
     """One row per gene: test-cell mean and sd of the measured log-expression, Pearson r per run."""
-    table = pd.DataFrame({"gene": list(genes), "measured_mean": measured.mean(axis=0), "measured_sd": measured.std(axis=0)})
+    table = pd.DataFrame(
+        {"gene": list(genes), "measured_mean": measured.mean(axis=0), "measured_sd": measured.std(axis=0)}
+    )
     for name, predicted in predictions.items():
         table[f"pearson_{name}"] = pearson_per_gene(predicted, measured)
     return table
@@ -49,10 +52,18 @@ def summarise_pearson(r: np.ndarray, threshold: float = 0.3) -> dict:
     """Mean and median r over genes with a defined correlation, and how many pass ``threshold``."""
     defined = r[~np.isnan(r)]
     if defined.size == 0:
-        return {"mean_pearson": float("nan"), "median_pearson": float("nan"), "n_genes_defined": 0,
-                f"n_genes_r_above_{threshold}": 0}
-    return {"mean_pearson": float(defined.mean()), "median_pearson": float(np.median(defined)),
-            "n_genes_defined": int(defined.size), f"n_genes_r_above_{threshold}": int((defined > threshold).sum())}
+        return {
+            "mean_pearson": float("nan"),
+            "median_pearson": float("nan"),
+            "n_genes_defined": 0,
+            f"n_genes_r_above_{threshold}": 0,
+        }
+    return {
+        "mean_pearson": float(defined.mean()),
+        "median_pearson": float(np.median(defined)),
+        "n_genes_defined": int(defined.size),
+        f"n_genes_r_above_{threshold}": int((defined > threshold).sum()),
+    }
 
 
 def leiden_backend() -> str:
@@ -74,8 +85,9 @@ def _scaled(x: np.ndarray) -> np.ndarray:
     return np.clip(z, -10.0, 10.0)
 
 
-def cluster(expression: np.ndarray, *, n_pcs: int = 20, n_neighbors: int = 15, resolution: float = 1.0,
-            seed: int = 0) -> tuple[np.ndarray, str, np.ndarray, np.ndarray]:
+def cluster(
+    expression: np.ndarray, *, n_pcs: int = 20, n_neighbors: int = 15, resolution: float = 1.0, seed: int = 0
+) -> tuple[np.ndarray, str, np.ndarray, np.ndarray]:
     """Leiden clusters of (n_cells, n_genes) expression.
 
     Returns (labels (n_cells,) int, method, PCA loadings (n_genes, n_pcs), the per-gene (mean, sd)
@@ -86,8 +98,14 @@ def cluster(expression: np.ndarray, *, n_pcs: int = 20, n_neighbors: int = 15, r
     adata = anndata.AnnData(_scaled(expression).astype(np.float32))
     n_comps = int(max(1, min(n_pcs, n_genes - 1, n_cells - 1)))
     sc.pp.pca(adata, n_comps=n_comps, random_state=seed)
-    sc.pp.neighbors(adata, n_neighbors=int(min(n_neighbors, n_cells - 1)), use_rep="X_pca", method="gauss",
-                    transformer="sklearn", random_state=seed)
+    sc.pp.neighbors(
+        adata,
+        n_neighbors=int(min(n_neighbors, n_cells - 1)),
+        use_rep="X_pca",
+        method="gauss",
+        transformer="sklearn",
+        random_state=seed,
+    )
     backend = leiden_backend()
     extra = {"n_iterations": 2, "directed": False} if backend == "igraph" else {}
     sc.tl.leiden(adata, resolution=resolution, random_state=seed, flavor=backend, **extra)
@@ -96,16 +114,26 @@ def cluster(expression: np.ndarray, *, n_pcs: int = 20, n_neighbors: int = 15, r
     return labels, method, adata.varm["PCs"], np.stack([mean, sd])
 
 
-def cluster_agreement(measured: np.ndarray, predicted: np.ndarray, *, n_pcs: int = 20, n_neighbors: int = 15,
-                      resolution: float = 1.0, seed: int = 0) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+def cluster_agreement(
+    measured: np.ndarray,
+    predicted: np.ndarray,
+    *,
+    n_pcs: int = 20,
+    n_neighbors: int = 15,
+    resolution: float = 1.0,
+    seed: int = 0,
+) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
     """ARI between the clusters of measured and predicted expression, and of transferred labels.
 
     Returns (metrics, measured labels, predicted-expression labels, transferred labels), each
     labels array (n_cells,).
     """
     measured_labels, method, loadings, (mean, sd) = cluster(
-        measured, n_pcs=n_pcs, n_neighbors=n_neighbors, resolution=resolution, seed=seed)
-    predicted_labels, _, _, _ = cluster(predicted, n_pcs=n_pcs, n_neighbors=n_neighbors, resolution=resolution, seed=seed)
+        measured, n_pcs=n_pcs, n_neighbors=n_neighbors, resolution=resolution, seed=seed
+    )
+    predicted_labels, _, _, _ = cluster(
+        predicted, n_pcs=n_pcs, n_neighbors=n_neighbors, resolution=resolution, seed=seed
+    )
     # Label transfer: reference = measured profiles in their PCA space; each predicted profile is
     # scaled on its own (predictions are shrunk towards the mean) and placed in that space.
     reference = _scaled(measured) @ loadings  # (n_cells, n_pcs)
@@ -123,10 +151,18 @@ def cluster_agreement(measured: np.ndarray, predicted: np.ndarray, *, n_pcs: int
     return metrics, measured_labels, predicted_labels, transferred
 
 
-def plot_spatial_maps(path: str | Path, xy_um: np.ndarray, gene: str, measured: np.ndarray,
-                      predicted: Mapping[str, np.ndarray], pearson: Mapping[str, float],
-                      slides: np.ndarray | None = None, context_xy_um: np.ndarray | None = None,
-                      context_slides: np.ndarray | None = None, max_slides: int = 3) -> Path:
+def plot_spatial_maps(
+    path: str | Path,
+    xy_um: np.ndarray,
+    gene: str,
+    measured: np.ndarray,
+    predicted: Mapping[str, np.ndarray],
+    pearson: Mapping[str, float],
+    slides: np.ndarray | None = None,
+    context_xy_um: np.ndarray | None = None,
+    context_slides: np.ndarray | None = None,
+    max_slides: int = 3,
+) -> Path:
     """PNG: the gene's measured expression and each run's prediction at the test cells (x, y in µm).
 
     One row per slide (the ``max_slides`` with most test cells; each slide has its own µm frame),
@@ -145,7 +181,9 @@ def plot_spatial_maps(path: str | Path, xy_um: np.ndarray, gene: str, measured: 
     names, counts = np.unique(slides, return_counts=True)
     shown = list(names[np.argsort(-counts, kind="stable")][:max_slides])
     panels = [("measured", measured, None)] + [(name, values, pearson.get(name)) for name, values in predicted.items()]
-    fig, axes = plt.subplots(len(shown), len(panels), figsize=(4.2 * len(panels), 4.0 * len(shown) + 0.5), squeeze=False)
+    fig, axes = plt.subplots(
+        len(shown), len(panels), figsize=(4.2 * len(panels), 4.0 * len(shown) + 0.5), squeeze=False
+    )
     for row, slide in enumerate(shown):
         here = slides == slide
         size = float(np.clip(2e4 / max(int(here.sum()), 1), 2, 30))
@@ -154,8 +192,16 @@ def plot_spatial_maps(path: str | Path, xy_um: np.ndarray, gene: str, measured: 
                 around = context_xy_um[np.asarray(context_slides, dtype=object) == slide]
                 ax.scatter(around[:, 0], around[:, 1], s=size * 0.3, c="0.88", linewidths=0)
             lo, hi = np.percentile(values[here], [1, 99])
-            points = ax.scatter(xy_um[here, 0], xy_um[here, 1], c=values[here], s=size, cmap="viridis", vmin=lo,
-                                vmax=max(hi, lo + 1e-6), linewidths=0)
+            points = ax.scatter(
+                xy_um[here, 0],
+                xy_um[here, 1],
+                c=values[here],
+                s=size,
+                cmap="viridis",
+                vmin=lo,
+                vmax=max(hi, lo + 1e-6),
+                linewidths=0,
+            )
             label = f"{name}" + (f" (r = {r:.2f})" if r is not None and np.isfinite(r) else "")
             ax.set_title(f"{label}\nslide {slide}" if len(shown) > 1 else label, fontsize=10)
             ax.set_aspect("equal")
@@ -179,5 +225,12 @@ def paired_gene_comparison(r_ours: np.ndarray, r_base: np.ndarray) -> dict:
     return {"genes_won": int((diff > 0).sum()), "genes_compared": int(both.sum()), "wilcoxon_p": p}
 
 
-__all__ = ["gene_table", "summarise_pearson", "leiden_backend", "cluster", "cluster_agreement", "plot_spatial_maps",
-           "paired_gene_comparison"]
+__all__ = [
+    "gene_table",
+    "summarise_pearson",
+    "leiden_backend",
+    "cluster",
+    "cluster_agreement",
+    "plot_spatial_maps",
+    "paired_gene_comparison",
+]

@@ -5,6 +5,7 @@ regularisation by generalised cross-validation on the training cells). ``finetun
 head trained end to end (AdamW, MSE on per-gene standardised targets, the head initialised from the
 ridge solution, random dihedral flips/rotations).
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,7 +44,9 @@ class LinearHead:
         return linear
 
 
-def fit_linear_probe(features: np.ndarray, targets: np.ndarray, alphas: Sequence[float] = (1.0, 10.0, 100.0)) -> LinearHead:
+def fit_linear_probe(
+    features: np.ndarray, targets: np.ndarray, alphas: Sequence[float] = (1.0, 10.0, 100.0)
+) -> LinearHead:
     """Ridge regression of (n, n_genes) targets on (n, n_features) standardised features.
 
     One regularisation strength for all genes, chosen by efficient leave-one-out (generalised)
@@ -58,9 +61,17 @@ def fit_linear_probe(features: np.ndarray, targets: np.ndarray, alphas: Sequence
     return LinearHead(weight=coef, bias=bias, alpha=float(ridge.alpha_))
 
 
-def finetune_end_to_end(encoder: ImageEncoder, head: LinearHead, jpegs: Sequence[bytes], targets: np.ndarray,
-                        train_rows: np.ndarray, cfg: Mapping[str, Any], seed: int = 0, progress: bool = True,
-                        desc: str = "finetune") -> tuple[ImageEncoder, nn.Linear, list[float]]:
+def finetune_end_to_end(
+    encoder: ImageEncoder,
+    head: LinearHead,
+    jpegs: Sequence[bytes],
+    targets: np.ndarray,
+    train_rows: np.ndarray,
+    cfg: Mapping[str, Any],
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "finetune",
+) -> tuple[ImageEncoder, nn.Linear, list[float]]:
     """Train a copy of ``encoder`` with a linear head (initialised from ``head``) on the training cells.
 
     Loss: mean squared error of per-gene standardised log-expression, so every gene counts the
@@ -75,16 +86,19 @@ def finetune_end_to_end(encoder: ImageEncoder, head: LinearHead, jpegs: Sequence
     linear = head.as_module().to(device).train()
     y = torch.from_numpy(targets.astype(np.float32)).to(device)  # (n_cells, n_genes)
     y_sd = y[train_rows].std(dim=0).clamp_min(1e-3)  # (n_genes,)
-    optimiser = torch.optim.AdamW([
-        {"params": model.backbone.parameters(), "lr": float(cfg["lr_backbone"])},
-        {"params": linear.parameters(), "lr": float(cfg["lr_head"])},
-    ], weight_decay=float(cfg["weight_decay"]))
+    optimiser = torch.optim.AdamW(
+        [
+            {"params": model.backbone.parameters(), "lr": float(cfg["lr_backbone"])},
+            {"params": linear.parameters(), "lr": float(cfg["lr_head"])},
+        ],
+        weight_decay=float(cfg["weight_decay"]),
+    )
     batch_size, epochs = int(cfg["batch_size"]), int(cfg["epochs"])
     augment = cfg.get("augment", True)
 
     def batches(epoch: int) -> list[np.ndarray]:
         order = rng.permutation(train_rows)  # drawn when the epoch starts, before its flips
-        return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+        return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
     def step(rows: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
         images = [decode_jpeg(jpegs[i]) for i in rows]
@@ -95,8 +109,16 @@ def finetune_end_to_end(encoder: ImageEncoder, head: LinearHead, jpegs: Sequence
         loss = (((predicted - y[torch.from_numpy(rows).to(device)]) / y_sd) ** 2).mean()
         return loss, {"n": len(rows)}
 
-    history = fit(step, batches, optimiser, epochs=epochs, device=device, progress=progress, desc=desc,
-                  steps_per_epoch=int(np.ceil(len(train_rows) / batch_size)))
+    history = fit(
+        step,
+        batches,
+        optimiser,
+        epochs=epochs,
+        device=device,
+        progress=progress,
+        desc=desc,
+        steps_per_epoch=int(np.ceil(len(train_rows) / batch_size)),
+    )
     losses = [row["loss"] for row in epoch_means(history, ["loss"], weight="n")]
     return model.eval(), linear.eval(), losses
 

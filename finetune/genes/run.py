@@ -35,6 +35,7 @@ var = genes with their r per run), ``spatial_<gene>.png`` (measured vs predicted
 ``linear_head.safetensors`` + ``linear_head.json`` (the main encoder's probe as an ``nn.Linear`` on
 raw backbone features, with its gene names).
 """
+
 from __future__ import annotations
 
 import json
@@ -100,17 +101,41 @@ def _crop_width_um(obs: pd.DataFrame, jpegs: Sequence[bytes]) -> float:
     return float(width_px * pd.to_numeric(obs["crop_um_per_px"], errors="coerce").median())
 
 
-def _run_mode(mode: str, encoder: ImageEncoder, data: CellData, targets: np.ndarray, split, cfg: DictConfig,
-              features: np.ndarray, probe: LinearHead, name: str) -> tuple[np.ndarray, dict]:
+def _run_mode(
+    mode: str,
+    encoder: ImageEncoder,
+    data: CellData,
+    targets: np.ndarray,
+    split,
+    cfg: DictConfig,
+    features: np.ndarray,
+    probe: LinearHead,
+    name: str,
+) -> tuple[np.ndarray, dict]:
     """Predicted log-expression (n_test, n_genes) of the test cells and facts about the fit."""
     if mode == "linear_probe":
         return probe.predict(features[split.test]), {"alpha": probe.alpha}
     started = time.perf_counter()
     tuned, linear, losses = finetune_end_to_end(
-        encoder, probe, data.jpegs, targets, split.train, OmegaConf.to_container(cfg.finetune, resolve=True),
-        seed=int(cfg.seed), progress=bool(cfg.progress), desc=f"finetune {name}")
-    test_features = embed_images(tuned, (data.jpegs[i] for i in split.test), len(split.test),
-                                 int(cfg.embed.batch_size), "backbone", bool(cfg.progress), desc=f"embed test {name}")
+        encoder,
+        probe,
+        data.jpegs,
+        targets,
+        split.train,
+        OmegaConf.to_container(cfg.finetune, resolve=True),
+        seed=int(cfg.seed),
+        progress=bool(cfg.progress),
+        desc=f"finetune {name}",
+    )
+    test_features = embed_images(
+        tuned,
+        (data.jpegs[i] for i in split.test),
+        len(split.test),
+        int(cfg.embed.batch_size),
+        "backbone",
+        bool(cfg.progress),
+        desc=f"embed test {name}",
+    )
     with torch.no_grad():
         predicted = linear(torch.from_numpy(test_features).to(tuned.mean.device)).cpu().numpy()
     return predicted.astype(np.float32), {"epoch_losses": losses, "seconds": round(time.perf_counter() - started, 1)}
@@ -150,11 +175,19 @@ def run_genes(cfg) -> dict:
     data = load_cell_data(cfg.data.manifest, OmegaConf.to_container(cfg.data.bundles, resolve=True), progress)
     gap_um = cfg.split.gap_um if cfg.split.gap_um is not None else _crop_width_um(data.obs, data.jpegs)
     split = split_cells(
-        data.obs, cfg.setting, test_fraction=float(cfg.split.test_fraction), seed=seed,
-        test_groups=list(cfg.split.test_groups) if cfg.split.test_groups else None, intra_by=cfg.split.intra_by,
-        n_blocks=int(cfg.split.n_blocks), gap_um=float(gap_um), source=data.manifest_path)
-    genes, gene_rule = select_genes(data.expression[split.train], cfg.setting,
-                                    OmegaConf.to_container(cfg.genes, resolve=True))
+        data.obs,
+        cfg.setting,
+        test_fraction=float(cfg.split.test_fraction),
+        seed=seed,
+        test_groups=list(cfg.split.test_groups) if cfg.split.test_groups else None,
+        intra_by=cfg.split.intra_by,
+        n_blocks=int(cfg.split.n_blocks),
+        gap_um=float(gap_um),
+        source=data.manifest_path,
+    )
+    genes, gene_rule = select_genes(
+        data.expression[split.train], cfg.setting, OmegaConf.to_container(cfg.genes, resolve=True)
+    )
     targets = np.asarray(data.expression[:, genes].X.toarray(), dtype=np.float32)  # (n_cells, n_genes)
     measured = targets[split.test]  # (n_test, n_genes)
     log.info("%s: predicting %d genes (%s)", cfg.setting, len(genes), gene_rule)
@@ -165,8 +198,15 @@ def run_genes(cfg) -> dict:
     needed = np.union1d(split.train, split.test)
     for encoder_name, model in encoders.items():
         features = np.zeros((len(data.obs), model.num_features), dtype=np.float32)  # (n_cells, n_features)
-        features[needed] = embed_images(model, (data.jpegs[i] for i in needed), len(needed), int(cfg.embed.batch_size),
-                                        "backbone", progress, desc=f"embed {encoder_name}")
+        features[needed] = embed_images(
+            model,
+            (data.jpegs[i] for i in needed),
+            len(needed),
+            int(cfg.embed.batch_size),
+            "backbone",
+            progress,
+            desc=f"embed {encoder_name}",
+        )
         probe = fit_linear_probe(features[split.train], targets[split.train], list(cfg.linear_probe.alphas))
         probes[encoder_name] = probe
         for mode in cfg.modes:
@@ -179,11 +219,20 @@ def run_genes(cfg) -> dict:
     for name, predicted in predictions.items():
         r = table[f"pearson_{name.replace('/', '_')}"].to_numpy()
         agreement, measured_labels, predicted_labels, transferred = cluster_agreement(
-            measured, predicted, n_pcs=int(cfg.clustering.n_pcs), n_neighbors=int(cfg.clustering.n_neighbors),
-            resolution=float(cfg.clustering.resolution), seed=seed)
+            measured,
+            predicted,
+            n_pcs=int(cfg.clustering.n_pcs),
+            n_neighbors=int(cfg.clustering.n_neighbors),
+            resolution=float(cfg.clustering.resolution),
+            seed=seed,
+        )
         order = np.argsort(-np.nan_to_num(r, nan=-2.0))
-        results[name] = {**summarise_pearson(r), **agreement, **fits[name],
-                         "top_genes": {genes[i]: round(float(r[i]), 4) for i in order[:5]}}
+        results[name] = {
+            **summarise_pearson(r),
+            **agreement,
+            **fits[name],
+            "top_genes": {genes[i]: round(float(r[i]), 4) for i in order[:5]},
+        }
         labels[name] = (measured_labels, predicted_labels, transferred)
 
     main = next(iter(predictions))
@@ -192,48 +241,76 @@ def run_genes(cfg) -> dict:
         for mode in cfg.modes:
             ours, base = results[f"{main_encoder}/{mode}"], results[f"random/{mode}"]
             delta = ours["mean_pearson"] - base["mean_pearson"]
-            comparison[mode] = {"delta_mean_pearson": delta, "encoder_beats_random": bool(delta > 0),
-                                **paired_gene_comparison(table[f"pearson_{main_encoder}_{mode}"].to_numpy(),
-                                                         table[f"pearson_random_{mode}"].to_numpy())}
+            comparison[mode] = {
+                "delta_mean_pearson": delta,
+                "encoder_beats_random": bool(delta > 0),
+                **paired_gene_comparison(
+                    table[f"pearson_{main_encoder}_{mode}"].to_numpy(), table[f"pearson_random_{mode}"].to_numpy()
+                ),
+            }
     main_r = table[f"pearson_{main.replace('/', '_')}"].to_numpy()
-    figure_genes = list(cfg.figure.genes) if cfg.figure.genes else [genes[int(np.nanargmax(np.nan_to_num(main_r, nan=-2)))]]
+    figure_genes = (
+        list(cfg.figure.genes) if cfg.figure.genes else [genes[int(np.nanargmax(np.nan_to_num(main_r, nan=-2)))]]
+    )
     unknown = [g for g in figure_genes if g not in genes]
     if unknown:
         raise InputError(None, "figure.genes", "genes among those predicted", unknown)
 
     summary = {
-        "setting": cfg.setting, "split": split.info, "genes": genes, "gene_selection": gene_rule,
-        "n_cells": int(len(data.obs)), "n_train": int(len(split.train)), "n_test": int(len(split.test)),
-        "encoder": encoder.description, "leiden_backend": leiden_backend(),
-        "results": results, "comparison_with_random": comparison, "main_run": main,
-        "figures": [f"spatial_{g}.png" for g in figure_genes], "seconds": None,
+        "setting": cfg.setting,
+        "split": split.info,
+        "genes": genes,
+        "gene_selection": gene_rule,
+        "n_cells": int(len(data.obs)),
+        "n_train": int(len(split.train)),
+        "n_test": int(len(split.test)),
+        "encoder": encoder.description,
+        "leiden_backend": leiden_backend(),
+        "results": results,
+        "comparison_with_random": comparison,
+        "main_run": main,
+        "figures": [f"spatial_{g}.png" for g in figure_genes],
+        "seconds": None,
     }
     out_dir = Path(cfg.out_dir)
     with atomic_dir(out_dir) as tmp:
         save_config(cfg, tmp / "config.yaml")
         table.to_csv(tmp / "per_gene.csv", index=False, float_format="%.5f")
-        _write_predictions(tmp / "predictions.h5ad", data, split, genes, measured, predictions, table, labels, main, summary)
+        _write_predictions(
+            tmp / "predictions.h5ad", data, split, genes, measured, predictions, table, labels, main, summary
+        )
         xy = data.obs[["x_um", "y_um"]].to_numpy(float)
         for gene in figure_genes:
             g = genes.index(gene)
             slides = data.obs["slide"].to_numpy()
-            plot_spatial_maps(tmp / f"spatial_{gene}.png", xy[split.test], gene, measured[:, g],
-                              {k: v[:, g] for k, v in predictions.items()},
-                              {k: float(table[f"pearson_{k.replace('/', '_')}"].iloc[g]) for k in predictions},
-                              slides=slides[split.test], context_xy_um=xy[split.train], context_slides=slides[split.train])
+            plot_spatial_maps(
+                tmp / f"spatial_{gene}.png",
+                xy[split.test],
+                gene,
+                measured[:, g],
+                {k: v[:, g] for k, v in predictions.items()},
+                {k: float(table[f"pearson_{k.replace('/', '_')}"].iloc[g]) for k in predictions},
+                slides=slides[split.test],
+                context_xy_um=xy[split.train],
+                context_slides=slides[split.train],
+            )
         _write_head(tmp, probes[main_encoder], genes, encoder)
         summary["seconds"] = round(time.perf_counter() - started, 1)
         write_metrics(tmp / "metrics.json", summary)
 
-    header = (f"gene expression · setting {cfg.setting} · {len(genes)} genes ({gene_rule}) · "
-              f"{len(split.train)} train / {len(split.test)} test cells · clustering {results[main]['clustering_method']}")
+    header = (
+        f"gene expression · setting {cfg.setting} · {len(genes)} genes ({gene_rule}) · "
+        f"{len(split.train)} train / {len(split.test)} test cells · clustering {results[main]['clustering_method']}"
+    )
     text = format_results(results, header)
     top = ", ".join(f"{g} {r:.2f}" for g, r in results[main]["top_genes"].items())
     text += f"\nbest genes ({main}): {top}"
     for mode, c in comparison.items():
         verdict = "beats" if c["encoder_beats_random"] else "does NOT beat"
-        text += (f"\n{mode}: encoder {verdict} the random-weight baseline (Δ mean r = {c['delta_mean_pearson']:+.3f}; "
-                 f"better on {c['genes_won']}/{c['genes_compared']} genes, paired Wilcoxon p = {c['wilcoxon_p']:.2g})")
+        text += (
+            f"\n{mode}: encoder {verdict} the random-weight baseline (Δ mean r = {c['delta_mean_pearson']:+.3f}; "
+            f"better on {c['genes_won']}/{c['genes_compared']} genes, paired Wilcoxon p = {c['wilcoxon_p']:.2g})"
+        )
         if not c["encoder_beats_random"]:
             log.warning("%s: the encoder does not beat the random-weight baseline", mode)
     text += f"\nwritten to {out_dir}: metrics.json, per_gene.csv, predictions.h5ad, " + ", ".join(summary["figures"])
@@ -241,9 +318,18 @@ def run_genes(cfg) -> dict:
     return {**summary, "out_dir": str(out_dir), "table": text}
 
 
-def _write_predictions(path: Path, data: CellData, split, genes: list[str], measured: np.ndarray,
-                       predictions: Mapping[str, np.ndarray], table: pd.DataFrame, labels: Mapping[str, tuple],
-                       main: str, summary: Mapping[str, Any]) -> None:
+def _write_predictions(
+    path: Path,
+    data: CellData,
+    split,
+    genes: list[str],
+    measured: np.ndarray,
+    predictions: Mapping[str, np.ndarray],
+    table: pd.DataFrame,
+    labels: Mapping[str, tuple],
+    main: str,
+    summary: Mapping[str, Any],
+) -> None:
     obs = data.obs.iloc[split.test].copy()
     obs.index = pd.Index([f"{s}:{c}" for s, c in zip(obs["slide"], obs["cell_id"])], name="obs_id")
     for column in obs.columns:
@@ -261,8 +347,11 @@ def _write_predictions(path: Path, data: CellData, split, genes: list[str], meas
     for name, predicted in predictions.items():
         adata.layers[f"pred_{name.replace('/', '_')}"] = predicted.astype(np.float32)
     adata.obsm["spatial"] = obs[["x_um", "y_um"]].to_numpy(float)  # (n_test, 2) µm, where scanpy's plots look
-    adata.uns["gene_prediction"] = json.loads(json.dumps(finite({
-        k: summary[k] for k in ("setting", "gene_selection", "main_run", "encoder", "split")}), default=str))
+    adata.uns["gene_prediction"] = json.loads(
+        json.dumps(
+            finite({k: summary[k] for k in ("setting", "gene_selection", "main_run", "encoder", "split")}), default=str
+        )
+    )
     adata.uns["gene_prediction"]["X"] = f"predicted log-normalised expression ({main})"
     adata.write_h5ad(path)
 
@@ -272,12 +361,18 @@ def _write_head(folder: Path, probe: LinearHead, genes: list[str], encoder: Imag
     weights = folder / "linear_head.safetensors"
     save_file({"weight": module.weight.detach().contiguous(), "bias": module.bias.detach().contiguous()}, str(weights))
     weights.chmod(0o644)  # safetensors creates its files private; the results folder is for sharing
-    write_json(folder / "linear_head.json", {
-        "input": "pooled backbone feature of the encoder below (raw, not standardised)",
-        "output": "log1p(counts / cell total × 10,000) per gene",
-        "in_features": int(probe.weight.shape[1]), "out_features": len(genes), "ridge_alpha": probe.alpha,
-        "genes": genes, "encoder": json.loads(json.dumps(encoder.description, default=str)),
-    })
+    write_json(
+        folder / "linear_head.json",
+        {
+            "input": "pooled backbone feature of the encoder below (raw, not standardised)",
+            "output": "log1p(counts / cell total × 10,000) per gene",
+            "in_features": int(probe.weight.shape[1]),
+            "out_features": len(genes),
+            "ridge_alpha": probe.alpha,
+            "genes": genes,
+            "encoder": json.loads(json.dumps(encoder.description, default=str)),
+        },
+    )
 
 
 __all__ = ["MODES", "run_genes", "format_results"]

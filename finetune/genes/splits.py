@@ -12,6 +12,7 @@ Held-out groups are ``test_groups`` when given, else groups drawn with the seed 
 least ``test_fraction`` of the cells (never all groups). Every setting returns disjoint index
 arrays; a setting the metadata cannot support raises one ``InputError`` naming the field.
 """
+
 from __future__ import annotations
 
 import logging
@@ -42,9 +43,18 @@ class Split:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def split_cells(obs: pd.DataFrame, setting: str, *, test_fraction: float = 0.2, seed: int = 0,
-                test_groups: Sequence[str] | None = None, intra_by: str = "blocks", n_blocks: int = 5,
-                gap_um: float = 0.0, source: str | Path | None = None) -> Split:
+def split_cells(
+    obs: pd.DataFrame,
+    setting: str,
+    *,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    test_groups: Sequence[str] | None = None,
+    intra_by: str = "blocks",
+    n_blocks: int = 5,
+    gap_um: float = 0.0,
+    source: str | Path | None = None,
+) -> Split:
     """Split the cells of ``obs`` (columns slide, x_um, y_um and the slide meta) for ``setting``.
 
     ``source`` names the file the table came from, for error messages.
@@ -60,33 +70,56 @@ def split_cells(obs: pd.DataFrame, setting: str, *, test_fraction: float = 0.2, 
     else:
         split = _by_group(obs, GROUP_KEYS[setting], setting, test_fraction, seed, test_groups, source)
     if len(split.train) == 0 or len(split.test) == 0:
-        raise InputError(source, "split", "training and test cells", f"{len(split.train)} train, {len(split.test)} test")
+        raise InputError(
+            source, "split", "training and test cells", f"{len(split.train)} train, {len(split.test)} test"
+        )
     split.info.update(setting=setting, n_train=int(len(split.train)), n_test=int(len(split.test)))
-    log.info("%s split: %d training cells, %d test cells (%s)", setting, len(split.train), len(split.test),
-             {k: v for k, v in split.info.items() if k not in ("setting", "n_train", "n_test")})
+    log.info(
+        "%s split: %d training cells, %d test cells (%s)",
+        setting,
+        len(split.train),
+        len(split.test),
+        {k: v for k, v in split.info.items() if k not in ("setting", "n_train", "n_test")},
+    )
     return split
 
 
 def _require_column(obs: pd.DataFrame, column: str, purpose: str, source) -> pd.Series:
     if column not in obs.columns:
-        raise InputError(source, f"sample json / slide meta [{column}]", f"a '{column}' for every cell ({purpose})",
-                         "no such field")
+        raise InputError(
+            source, f"sample json / slide meta [{column}]", f"a '{column}' for every cell ({purpose})", "no such field"
+        )
     values = obs[column]
     missing = values.isna() | (values.astype(str).str.strip() == "")
     if missing.any():
-        raise InputError(source, f"sample json / slide meta [{column}]", f"a '{column}' for every cell ({purpose})",
-                         f"missing for {int(missing.sum())} of {len(obs)} cells")
+        raise InputError(
+            source,
+            f"sample json / slide meta [{column}]",
+            f"a '{column}' for every cell ({purpose})",
+            f"missing for {int(missing.sum())} of {len(obs)} cells",
+        )
     return values.astype(str)
 
 
-def _by_group(obs: pd.DataFrame, key: str, setting: str, test_fraction: float, seed: int,
-              test_groups: Sequence[str] | None, source) -> Split:
+def _by_group(
+    obs: pd.DataFrame,
+    key: str,
+    setting: str,
+    test_fraction: float,
+    seed: int,
+    test_groups: Sequence[str] | None,
+    source,
+) -> Split:
     purpose = f"the {setting} setting holds out whole {key} groups"
     groups = _require_column(obs, key, purpose, source)
     counts = groups.value_counts()
     if len(counts) < 2:
-        raise InputError(source, f"slide meta [{key}]", f"at least 2 distinct values of '{key}' ({purpose})",
-                         f"only {list(counts.index)}")
+        raise InputError(
+            source,
+            f"slide meta [{key}]",
+            f"at least 2 distinct values of '{key}' ({purpose})",
+            f"only {list(counts.index)}",
+        )
     if test_groups:
         held_out = [str(g) for g in test_groups]
         unknown = sorted(set(held_out) - set(counts.index))
@@ -123,8 +156,12 @@ def _intra(obs: pd.DataFrame, seed: int, intra_by: str, n_blocks: int, gap_um: f
             regions = _require_column(obs.iloc[rows], "registration_region", "intra_by=registration_region", source)
             names = sorted(regions.unique())
             if len(names) < 2:
-                raise InputError(source, f"slide {slide} [registration_region]",
-                                 "at least 2 registration regions to hold one out", names)
+                raise InputError(
+                    source,
+                    f"slide {slide} [registration_region]",
+                    "at least 2 registration regions to hold one out",
+                    names,
+                )
             chosen = names[int(rng.integers(len(names)))]
             test_rows = regions.to_numpy() == chosen
             held_out[slide] = {"registration_region": chosen}
@@ -140,8 +177,11 @@ def _intra(obs: pd.DataFrame, seed: int, intra_by: str, n_blocks: int, gap_um: f
             block = np.clip(np.searchsorted(edges, coordinate, side="right") - 1, 0, n_blocks - 1)
             chosen = int(rng.integers(n_blocks))
             test_rows = block == chosen
-            held_out[slide] = {"axis": "x_um" if axis == 0 else "y_um", "block": chosen,
-                               "range_um": [float(coordinate[test_rows].min()), float(coordinate[test_rows].max())]}
+            held_out[slide] = {
+                "axis": "x_um" if axis == 0 else "y_um",
+                "block": chosen,
+                "range_um": [float(coordinate[test_rows].min()), float(coordinate[test_rows].max())],
+            }
         test_idx, train_idx = rows[test_rows], rows[~test_rows]
         if gap_um > 0 and len(test_idx) and len(train_idx):
             distance, _ = cKDTree(xy[test_idx]).query(xy[train_idx], k=1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from finetune.embed.config import EncoderConfig
+from finetune.encoders import EncoderConfig
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from finetune.embed.config import EncoderConfig
+from finetune.encoders import EncoderConfig
 
 
 @dataclass

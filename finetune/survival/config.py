@@ -6,19 +6,22 @@
 test or a notebook is checked the same way. The defaults are MCAT's (Chen et al. 2021); the demo
 config shrinks the model and the batches.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..embed.config import EncoderConfig
+from ..encoders import EncoderConfig
 
 
 @dataclass
 class SurvivalDataConfig:
     """A real cohort (ignored while ``cohort.synthetic`` is true)."""
 
-    clinical_csv: Optional[str] = None  # case_id, slide_id (';'-separated), survival_months, censorship (1 = censored), omics
+    clinical_csv: Optional[str] = (
+        None  # case_id, slide_id (';'-separated), survival_months, censorship (1 = censored), omics
+    )
     signatures_csv: Optional[str] = None  # group,gene rows (or MCAT's wide signatures.csv)
     image_embeddings: Any = None  # folder of <slide_id>.h5ad|.npz (finetune.embed), or {encoder name: folder}
     slides: dict[str, str] = field(default_factory=dict)  # {slide_id: whole-slide image}: embedded by every encoder
@@ -112,5 +115,12 @@ class SurvivalConfig:
     train: SurvivalTrainConfig = field(default_factory=SurvivalTrainConfig)  # cross-validation and training
 
 
-__all__ = ["SurvivalConfig", "SurvivalDataConfig", "SurvivalTilesConfig", "CohortConfig", "BaseCellsConfig",
-           "MCATConfig", "SurvivalTrainConfig"]
+__all__ = [
+    "SurvivalConfig",
+    "SurvivalDataConfig",
+    "SurvivalTilesConfig",
+    "CohortConfig",
+    "BaseCellsConfig",
+    "MCATConfig",
+    "SurvivalTrainConfig",
+]

@@ -17,6 +17,7 @@ Inputs (MCAT/TCGA conventions):
   numeric columns), an `.npz` (`case_ids`, `embeddings`), or a folder of per-slide cell
   embedding files (same formats as above) averaged over all cells of the patient.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,13 +54,18 @@ def hazard_bins(times, events, n_bins: int = 4) -> np.ndarray:
     events = np.asarray(events).astype(bool)
     observed = times[events]
     if observed.size < n_bins:
-        raise InputError(None, "censorship", f"at least {n_bins} observed events to cut {n_bins} hazard bins",
-                         f"{observed.size}")
+        raise InputError(
+            None, "censorship", f"at least {n_bins} observed events to cut {n_bins} hazard bins", f"{observed.size}"
+        )
     inner = np.quantile(observed, np.linspace(0, 1, n_bins + 1)[1:-1])  # (n_bins - 1,)
     edges = np.concatenate([[0.0], inner, [np.inf]])
     if np.any(np.diff(edges) <= 0):
-        raise InputError(None, "survival_months", f"{n_bins} distinct quantiles of the uncensored times "
-                         "(too many tied times; use fewer bins)", edges.tolist())
+        raise InputError(
+            None,
+            "survival_months",
+            f"{n_bins} distinct quantiles of the uncensored times (too many tied times; use fewer bins)",
+            edges.tolist(),
+        )
     return edges
 
 
@@ -139,13 +145,19 @@ def read_clinical(path: str | Path, signatures: dict[str, list[str]]) -> Cohort:
             raise InputError(path, column, "non-negative numbers in every row", f"{table[column].head(3).tolist()}")
         table[column] = values
     if not table["censorship"].isin([0, 1]).all():
-        raise InputError(path, "censorship", "0 (event observed) or 1 (censored)", sorted(table["censorship"].unique())[:5])
+        raise InputError(
+            path, "censorship", "0 (event observed) or 1 (censored)", sorted(table["censorship"].unique())[:5]
+        )
 
     omic_columns = {group: _group_columns(list(table.columns), genes) for group, genes in signatures.items()}
     empty = [g for g, cols in omic_columns.items() if not cols]
     if empty:
-        raise InputError(path, "omic columns", "at least one column (<gene> or <gene>_<suffix>) for every "
-                         "signature group", f"none for {empty}")
+        raise InputError(
+            path,
+            "omic columns",
+            "at least one column (<gene> or <gene>_<suffix>) for every signature group",
+            f"none for {empty}",
+        )
     all_omics = sorted({c for cols in omic_columns.values() for c in cols})
     numeric = table[all_omics].apply(pd.to_numeric, errors="coerce")
     if numeric.isna().any().any():
@@ -156,11 +168,16 @@ def read_clinical(path: str | Path, signatures: dict[str, list[str]]) -> Cohort:
     per_patient = ["survival_months", "censorship", *all_omics]
     disagree = table.groupby("case_id", sort=False)[per_patient].nunique(dropna=False).max(axis=1) > 1
     if disagree.any():
-        raise InputError(path, "case_id", "the same survival and omic values on all rows of a patient",
-                         f"differing rows for {disagree[disagree].index.tolist()[:5]}")
+        raise InputError(
+            path,
+            "case_id",
+            "the same survival and omic values on all rows of a patient",
+            f"differing rows for {disagree[disagree].index.tolist()[:5]}",
+        )
     first = table.groupby("case_id", sort=False).first()
     slides = table.groupby("case_id", sort=False)["slide_id"].apply(
-        lambda s: list(dict.fromkeys(x.strip() for v in s for x in v.split(";") if x.strip())))
+        lambda s: list(dict.fromkeys(x.strip() for v in s for x in v.split(";") if x.strip()))
+    )
     case_ids = [str(c) for c in first.index]
     return Cohort(
         case_ids=case_ids,
@@ -177,8 +194,9 @@ def read_clinical(path: str | Path, signatures: dict[str, list[str]]) -> Cohort:
 # Patch bags and cell embeddings (files read by finetune.embed.io)
 
 
-def load_bags(cohort: Cohort, embeddings_dir: str | Path, max_patches: int | None = 4096,
-              seed: int = 0) -> list[np.ndarray]:
+def load_bags(
+    cohort: Cohort, embeddings_dir: str | Path, max_patches: int | None = 4096, seed: int = 0
+) -> list[np.ndarray]:
     """One bag (n_patches_i, D) float32 per patient: all their slides' patches, seeded subsample."""
     rng = np.random.default_rng(seed)
     bags, dims = [], set()
@@ -207,14 +225,18 @@ def read_cell_embeddings(path: str | Path, cohort: Cohort) -> np.ndarray:
     if path.suffix == ".csv":
         table = pd.read_csv(path, dtype={"case_id": str})
         if "case_id" not in table.columns:
-            raise InputError(path, "case_id", "a case_id column and one column per embedding dimension", list(table.columns)[:5])
+            raise InputError(
+                path, "case_id", "a case_id column and one column per embedding dimension", list(table.columns)[:5]
+            )
         ids = table["case_id"].tolist()
         vectors = table.drop(columns="case_id").to_numpy(np.float32)
         field = "columns"
     elif path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as data:
             if "case_ids" not in data or "embeddings" not in data:
-                raise InputError(path, "case_ids,embeddings", "arrays case_ids (n,) and embeddings (n, D)", list(data.keys()))
+                raise InputError(
+                    path, "case_ids,embeddings", "arrays case_ids (n,) and embeddings (n, D)", list(data.keys())
+                )
             ids, vectors = [str(c) for c in data["case_ids"]], data["embeddings"].astype(np.float32)
         field = "embeddings"
     else:
@@ -232,8 +254,9 @@ def read_cell_embeddings(path: str | Path, cohort: Cohort) -> np.ndarray:
 # Cross-validation
 
 
-def patient_folds(case_ids: Sequence[str], events, n_folds: int = 5, seed: int = 0
-                  ) -> list[tuple[np.ndarray, np.ndarray]]:
+def patient_folds(
+    case_ids: Sequence[str], events, n_folds: int = 5, seed: int = 0
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """K folds over patients, stratified by event status: [(train_idx, test_idx), ...].
 
     Indices refer to positions in `case_ids` (one per patient). Every patient is in exactly one
@@ -252,5 +275,16 @@ def patient_folds(case_ids: Sequence[str], events, n_folds: int = 5, seed: int =
     return folds
 
 
-__all__ = ["Cohort", "hazard_bins", "bin_index", "read_signatures", "read_clinical", "EMBEDDING_SUFFIXES",
-           "load_embedding_file", "find_embedding_file", "load_bags", "read_cell_embeddings", "patient_folds"]
+__all__ = [
+    "Cohort",
+    "hazard_bins",
+    "bin_index",
+    "read_signatures",
+    "read_clinical",
+    "EMBEDDING_SUFFIXES",
+    "load_embedding_file",
+    "find_embedding_file",
+    "load_bags",
+    "read_cell_embeddings",
+    "patient_folds",
+]

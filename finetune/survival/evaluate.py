@@ -4,6 +4,7 @@ A test patient is high-risk when their risk exceeds the median risk of that fold
 patients, so the threshold never sees the test fold and risks from different folds never need a
 common scale.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,12 @@ def logrank_p(oof: pd.DataFrame) -> float:
     high, low = oof[oof["high_risk"]], oof[~oof["high_risk"]]
     if len(high) == 0 or len(low) == 0:
         return float("nan")
-    result = logrank_test(high["survival_months"], low["survival_months"],
-                          event_observed_A=1 - high["censorship"], event_observed_B=1 - low["censorship"])
+    result = logrank_test(
+        high["survival_months"],
+        low["survival_months"],
+        event_observed_A=1 - high["censorship"],
+        event_observed_B=1 - low["censorship"],
+    )
     return float(result.p_value)
 
 
@@ -45,12 +50,15 @@ def plot_kaplan_meier(oof_by_run: Mapping[str, pd.DataFrame], path: str | Path) 
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
     for ax, (name, oof) in zip(axes.ravel(), oof_by_run.items()):
-        for label, group, colour in (("low risk", ~oof["high_risk"], "tab:blue"), ("high risk", oof["high_risk"], "tab:red")):
+        for label, group, colour in (
+            ("low risk", ~oof["high_risk"], "tab:blue"),
+            ("high risk", oof["high_risk"], "tab:red"),
+        ):
             part = oof[group]
             if len(part):
                 KaplanMeierFitter(label=f"{label} (n={len(part)})").fit(
-                    part["survival_months"], 1 - part["censorship"]).plot_survival_function(
-                    ax=ax, ci_show=True, color=colour, show_censors=True, censor_styles={"ms": 4})
+                    part["survival_months"], 1 - part["censorship"]
+                ).plot_survival_function(ax=ax, ci_show=True, color=colour, show_censors=True, censor_styles={"ms": 4})
         p = logrank_p(oof)
         ax.set_title(f"{name}\nlog-rank p = {p:.2g}" if np.isfinite(p) else f"{name}\nlog-rank p = n/a", fontsize=9)
         ax.set_xlabel("months")
@@ -65,8 +73,13 @@ def plot_kaplan_meier(oof_by_run: Mapping[str, pd.DataFrame], path: str | Path) 
 def summary_table(fold_metrics: pd.DataFrame) -> pd.DataFrame:
     """Mean and sd of Harrell's and Uno's C over folds, per (encoder, mode)."""
     grouped = fold_metrics.groupby(["encoder", "mode"], sort=False)
-    table = grouped.agg(harrell_mean=("harrell_c", "mean"), harrell_sd=("harrell_c", "std"),
-                        uno_mean=("uno_c", "mean"), uno_sd=("uno_c", "std"), folds=("fold", "count")).reset_index()
+    table = grouped.agg(
+        harrell_mean=("harrell_c", "mean"),
+        harrell_sd=("harrell_c", "std"),
+        uno_mean=("uno_c", "mean"),
+        uno_sd=("uno_c", "std"),
+        folds=("fold", "count"),
+    ).reset_index()
     return table
 
 
@@ -77,6 +90,7 @@ PAIRED_COMPARISONS = (("mcat", "pathology"), ("mcat", "genomic"), ("past_multi",
 
 def paired_gains(fold_metrics: pd.DataFrame) -> pd.DataFrame:
     """Per encoder: Harrell C of `better` minus `base` in each fold, mean ± sd, and the folds it wins."""
+
     def c_by_fold(encoder: str, mode: str) -> pd.Series:
         owner = "-" if mode == "genomic" else encoder  # genomic-only runs belong to no image encoder
         picked = fold_metrics[(fold_metrics["encoder"] == owner) & (fold_metrics["mode"] == mode)]
@@ -90,9 +104,16 @@ def paired_gains(fold_metrics: pd.DataFrame) -> pd.DataFrame:
             if len(common) == 0:
                 continue
             diff = (a[common] - b[common]).to_numpy()
-            rows.append({"encoder": encoder, "comparison": f"{MODE_NAMES[better]} − {MODE_NAMES[base]}",
-                         "mean_gain": float(diff.mean()), "sd_gain": float(diff.std(ddof=1)) if len(diff) > 1 else 0.0,
-                         "folds_won": int((diff > 0).sum()), "folds": int(len(diff))})
+            rows.append(
+                {
+                    "encoder": encoder,
+                    "comparison": f"{MODE_NAMES[better]} − {MODE_NAMES[base]}",
+                    "mean_gain": float(diff.mean()),
+                    "sd_gain": float(diff.std(ddof=1)) if len(diff) > 1 else 0.0,
+                    "folds_won": int((diff > 0).sum()),
+                    "folds": int(len(diff)),
+                }
+            )
     return pd.DataFrame(rows, columns=["encoder", "comparison", "mean_gain", "sd_gain", "folds_won", "folds"])
 
 
@@ -107,8 +128,10 @@ SUMMARY_COLUMNS = (
 
 def format_summary(summary: pd.DataFrame, p_values: Mapping[tuple[str, str], float]) -> str:
     """The printed table: one line per (encoder, mode), mean ± sd over folds and the log-rank p."""
-    rows = [{**row, "logrank_p": p_values.get((row["encoder"], row["mode"]), float("nan"))}
-            for row in summary.to_dict(orient="records")]
+    rows = [
+        {**row, "logrank_p": p_values.get((row["encoder"], row["mode"]), float("nan"))}
+        for row in summary.to_dict(orient="records")
+    ]
     return format_table(rows, SUMMARY_COLUMNS, sep=" ", missing=None)
 
 

@@ -23,6 +23,7 @@ SNN, so the model has G + 1 genomic tokens and G + 1 co-attended path tokens.
 Modes (`mode`): "mcat" (both modalities), "pathology" (gated-attention MIL over the patch bag,
 MCAT's AMIL baseline), "genomic" (SNN tokens → transformer → pooling).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -42,7 +43,7 @@ def _init_snn(module: nn.Module) -> None:
     # SELU-style initialisation keeps the activations of the self-normalising nets near N(0, 1).
     for layer in module.modules():
         if isinstance(layer, nn.Linear):
-            nn.init.normal_(layer.weight, std=layer.in_features ** -0.5)
+            nn.init.normal_(layer.weight, std=layer.in_features**-0.5)
             nn.init.zeros_(layer.bias)
 
 
@@ -72,8 +73,9 @@ class _TokenSummary(nn.Module):
 
     def __init__(self, dim: int, n_heads: int, n_layers: int, dropout: float):
         super().__init__()
-        layer = nn.TransformerEncoderLayer(dim, n_heads, dim_feedforward=2 * dim, dropout=dropout,
-                                           activation="relu", batch_first=True)
+        layer = nn.TransformerEncoderLayer(
+            dim, n_heads, dim_feedforward=2 * dim, dropout=dropout, activation="relu", batch_first=True
+        )
         self.transformer = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
         self.pool = GatedAttentionPool(dim, dropout=dropout)
         self.rho = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout))
@@ -96,9 +98,18 @@ class MCAT(nn.Module):
     `risk` (B,), and the attention weights that were used.
     """
 
-    def __init__(self, image_dim: int, group_sizes: Sequence[int], cell_dim: int | None = None,
-                 dim: int = 256, n_bins: int = 4, mode: str = "mcat", n_heads: int = 8,
-                 n_layers: int = 2, dropout: float = 0.25):
+    def __init__(
+        self,
+        image_dim: int,
+        group_sizes: Sequence[int],
+        cell_dim: int | None = None,
+        dim: int = 256,
+        n_bins: int = 4,
+        mode: str = "mcat",
+        n_heads: int = 8,
+        n_layers: int = 2,
+        dropout: float = 0.25,
+    ):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -113,7 +124,8 @@ class MCAT(nn.Module):
             self.patch_proj = nn.Sequential(nn.Linear(image_dim, dim), nn.ReLU(), nn.Dropout(dropout))
         if self.uses_omics:
             self.group_nets = nn.ModuleList(
-                nn.Sequential(snn_block(n, dim, dropout), snn_block(dim, dim, dropout)) for n in group_sizes)
+                nn.Sequential(snn_block(n, dim, dropout), snn_block(dim, dim, dropout)) for n in group_sizes
+            )
             if self.uses_cells:
                 self.cell_net = nn.Sequential(snn_block(cell_dim, dim, dropout), snn_block(dim, dim, dropout))
             _init_snn(self.group_nets)
@@ -146,8 +158,13 @@ class MCAT(nn.Module):
             tokens.append(self.cell_net(cell))
         return torch.stack(tokens, dim=1)  # (B, G[+1], d)
 
-    def forward(self, patches: torch.Tensor | None = None, patch_mask: torch.Tensor | None = None,
-                omics: Sequence[torch.Tensor] | None = None, cell: torch.Tensor | None = None) -> dict:
+    def forward(
+        self,
+        patches: torch.Tensor | None = None,
+        patch_mask: torch.Tensor | None = None,
+        omics: Sequence[torch.Tensor] | None = None,
+        cell: torch.Tensor | None = None,
+    ) -> dict:
         out: dict[str, torch.Tensor] = {}
         if self.uses_image:
             if patch_mask is not None and bool(patch_mask.all(dim=1).any()):
@@ -163,8 +180,9 @@ class MCAT(nn.Module):
             features, out["omic_attention"] = self.omic_summary(genomic)
         else:
             # genomic-guided co-attention: each genomic token attends over the patient's patches
-            guided, out["coattention"] = self.coattention(genomic, path, path, key_padding_mask=patch_mask,
-                                                          need_weights=True)  # (B, G', d), (B, G', N)
+            guided, out["coattention"] = self.coattention(
+                genomic, path, path, key_padding_mask=patch_mask, need_weights=True
+            )  # (B, G', d), (B, G', N)
             path_feature, out["path_attention"] = self.path_summary(guided)
             omic_feature, out["omic_attention"] = self.omic_summary(genomic)
             features = torch.cat([path_feature, omic_feature], dim=-1)  # (B, 2d)
@@ -176,8 +194,9 @@ class MCAT(nn.Module):
         return out
 
 
-def nll_survival_loss(hazards: torch.Tensor, bin_index: torch.Tensor, censored: torch.Tensor,
-                      alpha: float = 0.0, eps: float = 1e-7) -> torch.Tensor:
+def nll_survival_loss(
+    hazards: torch.Tensor, bin_index: torch.Tensor, censored: torch.Tensor, alpha: float = 0.0, eps: float = 1e-7
+) -> torch.Tensor:
     """Discrete-time negative log-likelihood (Zadeh & Schmid 2020), as in MCAT's code.
 
     hazards (B, K) in (0, 1); bin_index (B,) the bin k of each patient's time; censored (B,)

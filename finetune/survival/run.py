@@ -24,6 +24,7 @@ Outputs in `out_dir`: `config.yaml`, `fold_metrics.csv`, `summary.csv`, `metrics
 `oof_risks.csv`, `paired_gains.csv` (fold-by-fold C-index gain of MCAT over each single modality and of
 PAST-multi over MCAT), `kaplan_meier.png`, each written atomically.
 """
+
 from __future__ import annotations
 
 import logging
@@ -74,14 +75,23 @@ def embed_with_encoders(cfg: DictConfig, slides: Mapping[str, str], out_folder: 
             raise InputError(path, f"slide {slide_id}", "an existing whole-slide image", "no such file")
     folders = {}
     for name, encoder_cfg in cfg.encoders.items():
-        encoder = load_encoder(OmegaConf.to_container(encoder_cfg, resolve=True), seed=int(cfg.seed),
-                               device=cfg.train.device)
+        encoder = load_encoder(
+            OmegaConf.to_container(encoder_cfg, resolve=True), seed=int(cfg.seed), device=cfg.train.device
+        )
         folder = out_folder / str(name)
         for slide_id, path in slides.items():
-            embed_slide_tiles(encoder, path, folder / f"{slide_id}.h5ad", tile_um_per_px=float(cfg.tiles.um_per_px),
-                              tile_px=int(cfg.tiles.size_px), min_tissue_fraction=float(cfg.tiles.min_tissue_fraction),
-                              batch_size=int(cfg.tiles.batch_size), which=str(cfg.tiles.which), slide_id=str(slide_id),
-                              progress=bool(cfg.progress))
+            embed_slide_tiles(
+                encoder,
+                path,
+                folder / f"{slide_id}.h5ad",
+                tile_um_per_px=float(cfg.tiles.um_per_px),
+                tile_px=int(cfg.tiles.size_px),
+                min_tissue_fraction=float(cfg.tiles.min_tissue_fraction),
+                batch_size=int(cfg.tiles.batch_size),
+                which=str(cfg.tiles.which),
+                slide_id=str(slide_id),
+                progress=bool(cfg.progress),
+            )
         folders[str(name)] = str(folder)
     return folders
 
@@ -107,12 +117,22 @@ def _prepare_synthetic(cfg: DictConfig, out_dir: Path) -> None:
     base_cells = c.base_cell_embeddings
     if c.base_cells.manifest and c.base_cells.cell_encoder:
         base_cells = embed_base_cells(c.base_cells, out_dir / "base_cells", cfg.train.device, bool(cfg.progress))
-    made = {name: make_cohort(cohort_dir / name, n_patients=int(c.n_patients), embedding_dim=int(c.embedding_dim),
-                              cell_dim=int(c.cell_dim), seed=int(cfg.seed), image_effect=float(c.image_effect),
-                              genomic_effect=float(c.genomic_effect), cell_effect=float(c.cell_effect),
-                              censoring_fraction=float(c.censoring_fraction), base_embeddings=base,
-                              base_cell_embeddings=base_cells)
-            for name, base in bases.items()}
+    made = {
+        name: make_cohort(
+            cohort_dir / name,
+            n_patients=int(c.n_patients),
+            embedding_dim=int(c.embedding_dim),
+            cell_dim=int(c.cell_dim),
+            seed=int(cfg.seed),
+            image_effect=float(c.image_effect),
+            genomic_effect=float(c.genomic_effect),
+            cell_effect=float(c.cell_effect),
+            censoring_fraction=float(c.censoring_fraction),
+            base_embeddings=base,
+            base_cell_embeddings=base_cells,
+        )
+        for name, base in bases.items()
+    }
     first = next(iter(made.values()))  # the clinical tables are identical across encoders (one RNG stream)
     cfg.data.clinical_csv = str(first["clinical_csv"])
     cfg.data.signatures_csv = str(first["signatures_csv"])
@@ -148,29 +168,45 @@ def run_survival(cfg: DictConfig | Mapping[str, Any]) -> dict:
         image_sources.update(embed_with_encoders(cfg, cfg.data.slides, out_dir / "embeddings"))
     if any(m in modes for m in ("pathology", "mcat", "past_multi")) and not image_sources:
         raise InputError(None, "data.image_embeddings", "a folder of per-slide embeddings (or {encoder: folder})", None)
-    bags = {name: load_bags(cohort, folder, cfg.data.max_patches, int(cfg.seed)) for name, folder in image_sources.items()}
+    bags = {
+        name: load_bags(cohort, folder, cfg.data.max_patches, int(cfg.seed)) for name, folder in image_sources.items()
+    }
     cells = read_cell_embeddings(cfg.data.cell_embeddings, cohort) if cfg.data.cell_embeddings else None
     if "past_multi" in modes and cells is None:
         log.warning("no data.cell_embeddings: skipping PAST-multi")
         modes.remove("past_multi")
     save_config(cfg, out_dir / "config.yaml")
-    log.info("survival: %d patients (%d events), %d omic groups, encoders %s, modes %s", len(cohort),
-             int(cohort.events.sum()), len(cohort.omics), list(image_sources), modes)
+    log.info(
+        "survival: %d patients (%d events), %d omic groups, encoders %s, modes %s",
+        len(cohort),
+        int(cohort.events.sum()),
+        len(cohort.omics),
+        list(image_sources),
+        modes,
+    )
 
     with torch_threads(cfg.train.threads):
         result = _run_all(cfg, cohort, image_sources, bags, cells, modes, out_dir)
     return result
 
 
-def _run_all(cfg: DictConfig, cohort: Cohort, image_sources: Mapping[str, str], bags: Mapping[str, list],
-             cells: np.ndarray | None, modes: list[str], out_dir: Path) -> dict:
+def _run_all(
+    cfg: DictConfig,
+    cohort: Cohort,
+    image_sources: Mapping[str, str],
+    bags: Mapping[str, list],
+    cells: np.ndarray | None,
+    modes: list[str],
+    out_dir: Path,
+) -> dict:
     folds = patient_folds(cohort.case_ids, cohort.events, int(cfg.train.n_folds), int(cfg.seed))
     runs = [("-", m) if m == "genomic" else (enc, m) for m in modes for enc in (image_sources or {"-": None})]
     runs = list(dict.fromkeys(runs))  # the genomic-only model does not depend on the encoder
     all_folds, all_oof, p_values = [], [], {}
     for encoder, mode in tqdm(runs, desc="survival runs", disable=not cfg.progress):
-        fold_metrics, oof = cross_validate(cohort, bags.get(encoder), cells, mode, cfg.model, cfg.train,
-                                           int(cfg.seed), progress=False, folds=folds)
+        fold_metrics, oof = cross_validate(
+            cohort, bags.get(encoder), cells, mode, cfg.model, cfg.train, int(cfg.seed), progress=False, folds=folds
+        )
         fold_metrics.insert(0, "mode", mode)
         fold_metrics.insert(0, "encoder", encoder)
         oof.insert(0, "mode", mode)
@@ -178,8 +214,13 @@ def _run_all(cfg: DictConfig, cohort: Cohort, image_sources: Mapping[str, str], 
         p_values[(encoder, mode)] = logrank_p(oof)
         all_folds.append(fold_metrics)
         all_oof.append(oof)
-        log.info("%s / %s: Harrell C %.3f ± %.3f", encoder, MODE_NAMES[mode], fold_metrics["harrell_c"].mean(),
-                 fold_metrics["harrell_c"].std())
+        log.info(
+            "%s / %s: Harrell C %.3f ± %.3f",
+            encoder,
+            MODE_NAMES[mode],
+            fold_metrics["harrell_c"].mean(),
+            fold_metrics["harrell_c"].std(),
+        )
     fold_metrics = pd.concat(all_folds, ignore_index=True)
     oof_risks = pd.concat(all_oof, ignore_index=True)
     summary = summary_table(fold_metrics)
@@ -189,20 +230,33 @@ def _run_all(cfg: DictConfig, cohort: Cohort, image_sources: Mapping[str, str], 
     def _run_name(encoder: str, mode: str) -> str:
         return MODE_NAMES[mode] if encoder == "-" or len(image_sources) <= 1 else f"{MODE_NAMES[mode]} · {encoder}"
 
-    km_path = plot_kaplan_meier({_run_name(e, m): oof_risks[(oof_risks["encoder"] == e) & (oof_risks["mode"] == m)]
-                                 for e, m in runs}, out_dir / "kaplan_meier.png")
-    for name, frame in (("fold_metrics.csv", fold_metrics), ("summary.csv", summary), ("oof_risks.csv", oof_risks),
-                        ("paired_gains.csv", gains)):
+    km_path = plot_kaplan_meier(
+        {_run_name(e, m): oof_risks[(oof_risks["encoder"] == e) & (oof_risks["mode"] == m)] for e, m in runs},
+        out_dir / "kaplan_meier.png",
+    )
+    for name, frame in (
+        ("fold_metrics.csv", fold_metrics),
+        ("summary.csv", summary),
+        ("oof_risks.csv", oof_risks),
+        ("paired_gains.csv", gains),
+    ):
         with atomic_path(out_dir / name) as tmp:
             frame.to_csv(tmp, index=False, float_format="%.6g")
-    write_metrics(out_dir / "metrics.json", {
-        "n_patients": len(cohort), "n_events": int(cohort.events.sum()), "n_folds": len(folds),
-        "summary": summary.to_dict(orient="records"), "folds": fold_metrics.to_dict(orient="records"),
-        "paired_gains": gains.to_dict(orient="records"),
-    })
+    write_metrics(
+        out_dir / "metrics.json",
+        {
+            "n_patients": len(cohort),
+            "n_events": int(cohort.events.sum()),
+            "n_folds": len(folds),
+            "summary": summary.to_dict(orient="records"),
+            "folds": fold_metrics.to_dict(orient="records"),
+            "paired_gains": gains.to_dict(orient="records"),
+        },
+    )
 
     fold_table = fold_metrics.assign(mode=fold_metrics["mode"].map(MODE_NAMES))[
-        ["encoder", "mode", "fold", "n_test", "n_events", "harrell_c", "uno_c"]]
+        ["encoder", "mode", "fold", "n_test", "n_events", "harrell_c", "uno_c"]
+    ]
     table = format_summary(summary, p_values)
     print(f"\nSurvival, {len(folds)}-fold CV by patient ({len(cohort)} patients, {int(cohort.events.sum())} events)")
     print("\nPer fold:\n" + fold_table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
@@ -210,12 +264,21 @@ def _run_all(cfg: DictConfig, cohort: Cohort, image_sources: Mapping[str, str], 
     if len(gains):
         print("\nPaired gain in Harrell C, fold by fold on the same test patients (mean ± sd, folds won):")
         for row in gains.itertuples():
-            print(f"  {row.encoder:<12} {row.comparison:<30} {row.mean_gain:+.3f} ± {row.sd_gain:.3f}   "
-                  f"{row.folds_won}/{row.folds}")
+            print(
+                f"  {row.encoder:<12} {row.comparison:<30} {row.mean_gain:+.3f} ± {row.sd_gain:.3f}   "
+                f"{row.folds_won}/{row.folds}"
+            )
     print(f"\nKaplan–Meier: {km_path}\nOutputs: {out_dir}\n")
-    return {"out_dir": out_dir, "summary": summary, "fold_metrics": fold_metrics, "oof_risks": oof_risks,
-            "logrank_p": {_run_name(e, m): p for (e, m), p in p_values.items()}, "kaplan_meier_png": km_path,
-            "table": table, "paired_gains": gains}
+    return {
+        "out_dir": out_dir,
+        "summary": summary,
+        "fold_metrics": fold_metrics,
+        "oof_risks": oof_risks,
+        "logrank_p": {_run_name(e, m): p for (e, m), p in p_values.items()},
+        "kaplan_meier_png": km_path,
+        "table": table,
+        "paired_gains": gains,
+    }
 
 
 __all__ = ["run_survival", "embed_with_encoders", "embed_base_cells"]

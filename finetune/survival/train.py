@@ -4,6 +4,7 @@ In each fold the hazard bins are cut at the quartiles of the training patients' 
 and the omic, cell and patch features are standardised with training statistics only; the model
 trains with Adam on the discrete-time NLL loss through the shared loop of :mod:`finetune.training`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,8 +43,9 @@ def _standardise(values: np.ndarray, train: np.ndarray) -> np.ndarray:
     return ((values - mean) / np.where(std > 0, std, 1.0)).astype(np.float32)
 
 
-def fold_tensors(cohort: Cohort, bags: Sequence[np.ndarray] | None, cells: np.ndarray | None,
-                 train: np.ndarray) -> PatientTensors:
+def fold_tensors(
+    cohort: Cohort, bags: Sequence[np.ndarray] | None, cells: np.ndarray | None, train: np.ndarray
+) -> PatientTensors:
     """Standardise omics, cells and patch features with the training patients' statistics only.
 
     Patch features are standardised per dimension over all training patches: raw backbone
@@ -76,18 +78,34 @@ def _batch(data: PatientTensors, index: Sequence[int], model: MCAT, device: torc
 # Training and prediction
 
 
-def build_model(mode: str, image_dim: int | None, group_sizes: Sequence[int], cell_dim: int | None,
-                model_cfg: Mapping[str, Any]) -> MCAT:
+def build_model(
+    mode: str, image_dim: int | None, group_sizes: Sequence[int], cell_dim: int | None, model_cfg: Mapping[str, Any]
+) -> MCAT:
     """`mode` in MODE_NAMES; past_multi is MCAT with the mean cell embedding as an extra token."""
     arch = "mcat" if mode == "past_multi" else mode
-    return MCAT(image_dim=image_dim or 1, group_sizes=group_sizes, cell_dim=cell_dim if mode == "past_multi" else None,
-                dim=int(model_cfg["dim"]), n_bins=int(model_cfg["n_bins"]), mode=arch,
-                n_heads=int(model_cfg["n_heads"]), n_layers=int(model_cfg["n_layers"]),
-                dropout=float(model_cfg["dropout"]))
+    return MCAT(
+        image_dim=image_dim or 1,
+        group_sizes=group_sizes,
+        cell_dim=cell_dim if mode == "past_multi" else None,
+        dim=int(model_cfg["dim"]),
+        n_bins=int(model_cfg["n_bins"]),
+        mode=arch,
+        n_heads=int(model_cfg["n_heads"]),
+        n_layers=int(model_cfg["n_layers"]),
+        dropout=float(model_cfg["dropout"]),
+    )
 
 
-def train_model(model: MCAT, data: PatientTensors, train: np.ndarray, labels: np.ndarray, censored: np.ndarray,
-                train_cfg: Mapping[str, Any], seed: int, progress: bool = False) -> list[float]:
+def train_model(
+    model: MCAT,
+    data: PatientTensors,
+    train: np.ndarray,
+    labels: np.ndarray,
+    censored: np.ndarray,
+    train_cfg: Mapping[str, Any],
+    seed: int,
+    progress: bool = False,
+) -> list[float]:
     """Adam on the NLL survival loss (the shared loop, :func:`finetune.training.fit`); the mean
     training loss of each epoch.
 
@@ -96,8 +114,9 @@ def train_model(model: MCAT, data: PatientTensors, train: np.ndarray, labels: np
     """
     device = torch.device(train_cfg["device"])
     model.to(device).train()
-    optimiser = torch.optim.Adam(model.parameters(), lr=float(train_cfg["lr"]),
-                                 weight_decay=float(train_cfg["weight_decay"]))
+    optimiser = torch.optim.Adam(
+        model.parameters(), lr=float(train_cfg["lr"]), weight_decay=float(train_cfg["weight_decay"])
+    )
     rng = np.random.default_rng(seed)
     batch_size, accumulation = int(train_cfg["batch_size"]), int(train_cfg["grad_accumulation"])
     labels_t = torch.from_numpy(labels).to(device)
@@ -105,15 +124,25 @@ def train_model(model: MCAT, data: PatientTensors, train: np.ndarray, labels: np
 
     def batches(epoch: int) -> list[np.ndarray]:
         order = rng.permutation(train)
-        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
     def step(index: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
         out = model(**_batch(data, index, model, device))
         loss = nll_survival_loss(out["hazards"], labels_t[index], censored_t[index], alpha=float(train_cfg["alpha"]))
         return loss, {"n": len(index)}
 
-    history = fit(step, batches, optimiser, epochs=int(train_cfg["epochs"]), accumulation=accumulation, device=device,
-                  progress=progress, desc="epochs", steps_per_epoch=math.ceil(len(train) / batch_size), postfix=None)
+    history = fit(
+        step,
+        batches,
+        optimiser,
+        epochs=int(train_cfg["epochs"]),
+        accumulation=accumulation,
+        device=device,
+        progress=progress,
+        desc="epochs",
+        steps_per_epoch=math.ceil(len(train) / batch_size),
+        postfix=None,
+    )
     return [row["loss"] for row in epoch_means(history, ["loss"], weight="n")]
 
 
@@ -122,8 +151,10 @@ def predict_risk(model: MCAT, data: PatientTensors, index: np.ndarray, batch_siz
     """Risk −Σ_k S_k (n_index,) for the patients in `index`; higher = earlier event."""
     model.eval()
     device = next(model.parameters()).device
-    risks = [model(**_batch(data, index[i:i + batch_size], model, device))["risk"].cpu()
-             for i in range(0, len(index), batch_size)]
+    risks = [
+        model(**_batch(data, index[i : i + batch_size], model, device))["risk"].cpu()
+        for i in range(0, len(index), batch_size)
+    ]
     return torch.cat(risks).numpy().astype(float)
 
 
@@ -131,10 +162,17 @@ def predict_risk(model: MCAT, data: PatientTensors, index: np.ndarray, batch_siz
 # Cross-validation
 
 
-def cross_validate(cohort: Cohort, bags: Sequence[np.ndarray] | None, cells: np.ndarray | None, mode: str,
-                   model_cfg: Mapping[str, Any], train_cfg: Mapping[str, Any], seed: int = 0,
-                   progress: bool = False, folds: Sequence[tuple[np.ndarray, np.ndarray]] | None = None
-                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
+def cross_validate(
+    cohort: Cohort,
+    bags: Sequence[np.ndarray] | None,
+    cells: np.ndarray | None,
+    mode: str,
+    model_cfg: Mapping[str, Any],
+    train_cfg: Mapping[str, Any],
+    seed: int = 0,
+    progress: bool = False,
+    folds: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """K-fold CV of one mode → (per-fold metrics, out-of-fold risks with risk groups).
 
     Per-fold: `harrell_c`, `uno_c` (censoring estimated on the training fold), `n_test`,
@@ -157,18 +195,39 @@ def cross_validate(cohort: Cohort, bags: Sequence[np.ndarray] | None, cells: np.
         history = train_model(model, data, train, labels, censored, train_cfg, seed * 1000 + fold, progress)
         test_risk = predict_risk(model, data, test)
         threshold = float(np.median(predict_risk(model, data, train)))
-        fold_rows.append({
-            "fold": fold, "n_train": len(train), "n_test": len(test), "n_events": int((~censored[test]).sum()),
-            "harrell_c": concordance_index(times[test], ~censored[test], test_risk),
-            "uno_c": ipcw_concordance_index(times[train], ~censored[train], times[test], ~censored[test], test_risk),
-            "final_loss": history[-1] if history else float("nan"),
-        })
+        fold_rows.append(
+            {
+                "fold": fold,
+                "n_train": len(train),
+                "n_test": len(test),
+                "n_events": int((~censored[test]).sum()),
+                "harrell_c": concordance_index(times[test], ~censored[test], test_risk),
+                "uno_c": ipcw_concordance_index(
+                    times[train], ~censored[train], times[test], ~censored[test], test_risk
+                ),
+                "final_loss": history[-1] if history else float("nan"),
+            }
+        )
         for i, risk in zip(test, test_risk):
-            oof_rows.append({"case_id": cohort.case_ids[i], "fold": fold, "risk": float(risk),
-                             "high_risk": bool(risk > threshold), "survival_months": float(times[i]),
-                             "censorship": int(censored[i])})
+            oof_rows.append(
+                {
+                    "case_id": cohort.case_ids[i],
+                    "fold": fold,
+                    "risk": float(risk),
+                    "high_risk": bool(risk > threshold),
+                    "survival_months": float(times[i]),
+                    "censorship": int(censored[i]),
+                }
+            )
     return pd.DataFrame(fold_rows), pd.DataFrame(oof_rows)
 
 
-__all__ = ["MODE_NAMES", "PatientTensors", "fold_tensors", "build_model", "train_model", "predict_risk",
-           "cross_validate"]
+__all__ = [
+    "MODE_NAMES",
+    "PatientTensors",
+    "fold_tensors",
+    "build_model",
+    "train_model",
+    "predict_risk",
+    "cross_validate",
+]

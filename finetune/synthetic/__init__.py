@@ -11,6 +11,7 @@
 
 The image-to-image modules are imported by name (``finetune.synthetic.ihc``): they pull in scikit-image.
 """
+
 from .cells import colour_crop, write_synthetic_cells
 from .cohort import SIGNATURE_GROUPS, make_cohort
 from .encoder import write_tiny_export

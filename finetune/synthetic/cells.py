@@ -7,6 +7,7 @@ A shard manifest (``format_version`` 1, with each slide's bundle and meta, and t
 ``vocab.tsv``) ties them together.
 Only the sample members the heads read are written (``jpg``, ``json``).
 """
+
 from __future__ import annotations
 
 import io
@@ -56,25 +57,42 @@ def _gene_ids(n_genes: int) -> list[str]:
     return [f"ENSG9{i:010d}" for i in range(n_genes)]
 
 
-def _write_bundle(folder: Path, cell_ids: Sequence[str], xy_um: np.ndarray, counts: sp.csr_matrix,
-                  genes: Sequence[str]) -> None:
+def _write_bundle(
+    folder: Path, cell_ids: Sequence[str], xy_um: np.ndarray, counts: sp.csr_matrix, genes: Sequence[str]
+) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "experiment.xenium", {"pixel_size": 0.2125, "analysis_sw_version": "synthetic"})
     totals = np.asarray(counts.sum(axis=1)).ravel()
-    pd.DataFrame({
-        "cell_id": list(cell_ids), "x_centroid": xy_um[:, 0], "y_centroid": xy_um[:, 1],
-        "cell_area": np.full(len(cell_ids), 80.0), "nucleus_area": np.full(len(cell_ids), 25.0),
-        "transcript_counts": totals.astype(np.int64),
-    }).to_parquet(folder / "cells.parquet", index=False)
+    pd.DataFrame(
+        {
+            "cell_id": list(cell_ids),
+            "x_centroid": xy_um[:, 0],
+            "y_centroid": xy_um[:, 1],
+            "cell_area": np.full(len(cell_ids), 80.0),
+            "nucleus_area": np.full(len(cell_ids), 25.0),
+            "transcript_counts": totals.astype(np.int64),
+        }
+    ).to_parquet(folder / "cells.parquet", index=False)
     n = len(genes)
-    write_feature_matrix(folder / "cell_feature_matrix.h5", counts, np.asarray(cell_ids),
-                         np.array(_gene_ids(n)), np.asarray(genes),
-                         np.array(["Gene Expression"] * n))
+    write_feature_matrix(
+        folder / "cell_feature_matrix.h5",
+        counts,
+        np.asarray(cell_ids),
+        np.array(_gene_ids(n)),
+        np.asarray(genes),
+        np.array(["Gene Expression"] * n),
+    )
 
 
-def write_synthetic_cells(out_dir: str | Path, slides: Sequence[Mapping[str, Any]], n_genes: int = 6,
-                          crop_px: int = 32, extent_um: float = 1000.0, samples_per_shard: int = 150,
-                          seed: int = 0) -> Path:
+def write_synthetic_cells(
+    out_dir: str | Path,
+    slides: Sequence[Mapping[str, Any]],
+    n_genes: int = 6,
+    crop_px: int = 32,
+    extent_um: float = 1000.0,
+    samples_per_shard: int = 150,
+    seed: int = 0,
+) -> Path:
     """Write bundles + shards + manifest under ``out_dir``; the manifest path.
 
     ``slides``: ``[{"id", "n_cells", "meta": {...}}]``. Gene ``G0`` is the signal gene (mean count
@@ -98,27 +116,50 @@ def write_synthetic_cells(out_dir: str | Path, slides: Sequence[Mapping[str, Any
         (out_dir / "shards" / slide_id).mkdir(parents=True, exist_ok=True)
         order = rng.permutation(n_cells)  # shards are shuffled, like the real ones
         for k, start in enumerate(range(0, n_cells, samples_per_shard)):
-            rows = order[start:start + samples_per_shard]
+            rows = order[start : start + samples_per_shard]
             relative = f"{slide_id}/{slide_id}-{k:06d}.tar"
             with wds.TarWriter(str(out_dir / "shards" / relative)) as sink:
                 for i in rows:
                     sample = {
-                        "cell_id": cell_ids[i], "slide": slide_id, "x_um": float(xy_um[i, 0]), "y_um": float(xy_um[i, 1]),
-                        "he_x_px": float(xy_um[i, 0] * 2), "he_y_px": float(xy_um[i, 1] * 2), "crop_um_per_px": 0.5,
-                        "registration_region": int(xy_um[i, 0] > extent_um / 2), "t": float(t[i]), **meta,
+                        "cell_id": cell_ids[i],
+                        "slide": slide_id,
+                        "x_um": float(xy_um[i, 0]),
+                        "y_um": float(xy_um[i, 1]),
+                        "he_x_px": float(xy_um[i, 0] * 2),
+                        "he_y_px": float(xy_um[i, 1] * 2),
+                        "crop_um_per_px": 0.5,
+                        "registration_region": int(xy_um[i, 0] > extent_um / 2),
+                        "t": float(t[i]),
+                        **meta,
                     }
-                    sink.write({"__key__": f"{slide_id}_{i:08d}", "jpg": _jpeg(colour_crop(t[i], crop_px, rng)),
-                                "json": json.dumps(sample).encode()})
+                    sink.write(
+                        {
+                            "__key__": f"{slide_id}_{i:08d}",
+                            "jpg": _jpeg(colour_crop(t[i], crop_px, rng)),
+                            "json": json.dumps(sample).encode(),
+                        }
+                    )
             shards.append({"path": relative, "n_samples": int(len(rows)), "slide": slide_id})
-        slide_entries[slide_id] = {"slide": slide_id, "bundle": str(bundle.resolve()), "n_samples": n_cells, "meta": meta}
+        slide_entries[slide_id] = {
+            "slide": slide_id,
+            "bundle": str(bundle.resolve()),
+            "n_samples": n_cells,
+            "meta": meta,
+        }
     # The panel as the shards' vocabulary (every manifest records one; these shards carry no tokens).
     vocab = Vocabulary.from_genes(_gene_ids(n_genes), genes, source="synthetic panel")
     vocab_path = vocab.save(out_dir / "shards" / "vocab.tsv")
     vocabulary = {"path": vocab_path.name, "sha256": vocab.sha256(), "size": len(vocab), "source": "synthetic panel"}
     manifest = {
-        "format_version": FORMAT_VERSION, "n_samples": sum(s["n_samples"] for s in shards), "n_shards": len(shards),
-        "shards": shards, "sample_keys": ["jpg", "json"], "vocabulary": vocabulary, "tech_mean": None,
-        "slides": slide_entries, "config": {"matrix": "h5"},
+        "format_version": FORMAT_VERSION,
+        "n_samples": sum(s["n_samples"] for s in shards),
+        "n_shards": len(shards),
+        "shards": shards,
+        "sample_keys": ["jpg", "json"],
+        "vocabulary": vocabulary,
+        "tech_mean": None,
+        "slides": slide_entries,
+        "config": {"matrix": "h5"},
     }
     return write_json(out_dir / "shards" / MANIFEST_NAME, manifest)
 

@@ -26,6 +26,7 @@ Planting:
 on a 224 px grid), `cell_embeddings.csv` (`case_id` + one column per dimension) and
 `ground_truth.json` (effects, directions and each patient's latent factors).
 """
+
 from __future__ import annotations
 
 import logging
@@ -83,13 +84,25 @@ def _censoring_rate(event_times: np.ndarray, unit_draws: np.ndarray, fraction: f
     return float(np.sqrt(low * high))
 
 
-def make_cohort(out_dir: str | Path, n_patients: int = 80, embedding_dim: int = 64, cell_dim: int = 32,
-                seed: int = 0, image_effect: float = 1.0, genomic_effect: float = 1.0, cell_effect: float = 0.5,
-                image_shift: float = 2.0, censoring_fraction: float = 0.3, baseline_median_months: float = 30.0,
-                follow_up_months: float = 120.0,
-                patches_per_slide: tuple[int, int] = (40, 120), max_slides_per_patient: int = 2,
-                base_embeddings: str | Path | None = None, base_cell_embeddings: str | Path | None = None,
-                cells_per_patient: int = 200) -> dict:
+def make_cohort(
+    out_dir: str | Path,
+    n_patients: int = 80,
+    embedding_dim: int = 64,
+    cell_dim: int = 32,
+    seed: int = 0,
+    image_effect: float = 1.0,
+    genomic_effect: float = 1.0,
+    cell_effect: float = 0.5,
+    image_shift: float = 2.0,
+    censoring_fraction: float = 0.3,
+    baseline_median_months: float = 30.0,
+    follow_up_months: float = 120.0,
+    patches_per_slide: tuple[int, int] = (40, 120),
+    max_slides_per_patient: int = 2,
+    base_embeddings: str | Path | None = None,
+    base_cell_embeddings: str | Path | None = None,
+    cells_per_patient: int = 200,
+) -> dict:
     """Write a synthetic cohort under `out_dir` (see module docstring); returns its paths and truth.
 
     With `base_embeddings`, `embedding_dim` is that of the real embeddings; with
@@ -139,16 +152,25 @@ def make_cohort(out_dir: str | Path, n_patients: int = 80, embedding_dim: int = 
                 if patch_pool is None:
                     patches = image_rng.standard_normal((n, embedding_dim))
                 else:
-                    patches = patch_pool[image_rng.choice(len(patch_pool), n, replace=n > len(patch_pool))].astype(float)
+                    patches = patch_pool[image_rng.choice(len(patch_pool), n, replace=n > len(patch_pool))].astype(
+                        float
+                    )
                 tumour = image_rng.uniform(size=n) < image_rng.uniform(0.2, 0.6)
                 patches[tumour] += image_shift * image_scale * z_image[i] * direction_image
                 side = int(np.ceil(np.sqrt(n)))
                 coords_px = PATCH_PX * np.stack([np.arange(n) % side, np.arange(n) // side], axis=1)
-                np.savez(tmp / "patch_embeddings" / f"{slide}.npz", embeddings=patches.astype(np.float32),
-                         coords=coords_px.astype(np.int64))
+                np.savez(
+                    tmp / "patch_embeddings" / f"{slide}.npz",
+                    embeddings=patches.astype(np.float32),
+                    coords=coords_px.astype(np.int64),
+                )
                 slide_rows[slide] = n
-            row = {"case_id": case, "slide_id": ";".join(slide_ids), "survival_months": round(float(months[i]), 4),
-                   "censorship": int(censored[i])}
+            row = {
+                "case_id": case,
+                "slide_id": ";".join(slide_ids),
+                "survival_months": round(float(months[i]), 4),
+                "censorship": int(censored[i]),
+            }
             for group, gene in genes:
                 value = loadings.get(gene, 0.0) * z_genomic[i] + rng.standard_normal()
                 row[f"{gene}_rnaseq"] = round(float(value), 4)
@@ -158,7 +180,9 @@ def make_cohort(out_dir: str | Path, n_patients: int = 80, embedding_dim: int = 
             if cell_pool is None:
                 base = rng.standard_normal(cell_dim) * 0.5
             else:
-                base = cell_pool[rng.choice(len(cell_pool), cells_per_patient, replace=cells_per_patient > len(cell_pool))].mean(0)
+                base = cell_pool[
+                    rng.choice(len(cell_pool), cells_per_patient, replace=cells_per_patient > len(cell_pool))
+                ].mean(0)
             cell_scale = 1.0 if cell_pool is None else float(np.std(cell_pool @ direction_cell)) or 1.0
             cell_means[i] = base + cell_scale * z_cell[i] * direction_cell
 
@@ -168,22 +192,40 @@ def make_cohort(out_dir: str | Path, n_patients: int = 80, embedding_dim: int = 
         cells.insert(0, "case_id", case_ids)
         cells.to_csv(tmp / "cell_embeddings.csv", index=False, float_format="%.6g")
         truth = {
-            "n_patients": n_patients, "seed": seed, "censored_fraction": float(censored.mean()),
+            "n_patients": n_patients,
+            "seed": seed,
+            "censored_fraction": float(censored.mean()),
             "effects": {"image": image_effect, "genomic": genomic_effect, "cell": cell_effect},
-            "image_shift": image_shift, "image_scale": image_scale, "follow_up_months": follow_up_months,
+            "image_shift": image_shift,
+            "image_scale": image_scale,
+            "follow_up_months": follow_up_months,
             "base_embeddings": None if base_embeddings is None else str(base_embeddings),
             "base_cell_embeddings": None if base_cell_embeddings is None else str(base_cell_embeddings),
-            "genomic_loadings": loadings, "direction_image": direction_image, "direction_cell": direction_cell,
-            "patients": {c: {"z_image": float(a), "z_genomic": float(b), "z_cell": float(d), "log_hazard": float(h)}
-                         for c, a, b, d, h in zip(case_ids, z_image, z_genomic, z_cell, log_hazard)},
+            "genomic_loadings": loadings,
+            "direction_image": direction_image,
+            "direction_cell": direction_cell,
+            "patients": {
+                c: {"z_image": float(a), "z_genomic": float(b), "z_cell": float(d), "log_hazard": float(h)}
+                for c, a, b, d, h in zip(case_ids, z_image, z_genomic, z_cell, log_hazard)
+            },
         }
         write_json(tmp / "ground_truth.json", truth)
-    log.info("synthetic cohort: %d patients, %d slides, %.0f%% censored → %s", n_patients, len(slide_rows),
-             100 * censored.mean(), out_dir)
+    log.info(
+        "synthetic cohort: %d patients, %d slides, %.0f%% censored → %s",
+        n_patients,
+        len(slide_rows),
+        100 * censored.mean(),
+        out_dir,
+    )
     return {
-        "out_dir": out_dir, "clinical_csv": out_dir / "clinical.csv", "signatures_csv": out_dir / "signatures.csv",
-        "embeddings_dir": out_dir / "patch_embeddings", "cell_embeddings": out_dir / "cell_embeddings.csv",
-        "log_hazard": log_hazard, "censored": censored, "survival_months": months,
+        "out_dir": out_dir,
+        "clinical_csv": out_dir / "clinical.csv",
+        "signatures_csv": out_dir / "signatures.csv",
+        "embeddings_dir": out_dir / "patch_embeddings",
+        "cell_embeddings": out_dir / "cell_embeddings.csv",
+        "log_hazard": log_hazard,
+        "censored": censored,
+        "survival_months": months,
     }
 
 

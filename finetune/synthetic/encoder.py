@@ -1,4 +1,5 @@
 """A tiny exported image encoder with seeded random weights, for tests and for trying a head before pretraining."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,13 @@ from pretrain.export import CONFIG_NAME, IMAGE_DIR, PROJECTION_NAME, WEIGHTS_NAM
 from pretrain.models.image_encoder import ImageTower
 
 
-def write_tiny_export(out_dir: str | Path, arch: str = "vit_tiny_patch16_224", kwargs: Mapping[str, Any] | None = None,
-                      proj_dim: int = 16, seed: int = 0) -> Path:
+def write_tiny_export(
+    out_dir: str | Path,
+    arch: str = "vit_tiny_patch16_224",
+    kwargs: Mapping[str, Any] | None = None,
+    proj_dim: int = 16,
+    seed: int = 0,
+) -> Path:
     """An ``image_encoder/`` folder in the exact format ``pretrain.export`` writes, with seeded random weights.
 
     For tests and for trying a head before any pretraining; loads with

@@ -35,7 +35,7 @@ from scipy import ndimage as ndi
 from common.atomic import atomic_dir
 from common.errors import InputError
 from finetune.layouts import HE_DIR, IHC_DIR, NUCLEI_DIR, SPLITS, TRUTH_NAME, seeded_test_names
-from finetune.metrics import DEFAULT_DAB_THRESHOLDS
+from finetune.metrics import DEFAULT_DAB_THRESHOLDS, h_score_from_classes
 
 from .stain_tiles import CellTile
 
@@ -47,6 +47,8 @@ NUCLEAR_MARKER: dict[str, tuple[float, float]] = {
     "keratinocyte_basal": (0.95, 2.6),
     "keratinocyte_suprabasal": (0.85, 1.8),
 }
+# truth.csv columns of a tile's planted classes.
+PLANTED_COLUMNS = ("h_score", "pct_negative", "pct_weak", "pct_moderate", "pct_strong", "n_nuclei")
 LEVEL_SD = 0.45  # spread of a positive cell's intensity level around its type's mean (class units)
 BAND_MARGIN = 0.15  # DAB amounts are drawn in the inner 70 % of a class band, safe from rounding noise
 
@@ -83,17 +85,9 @@ def draw_intensity_classes(
 
 
 def planted_h_score(classes: np.ndarray) -> dict[str, float]:
-    """H-score and class percentages of planted per-nucleus classes (the same formula as ``h_score``)."""
-    counts = np.bincount(np.asarray(classes, dtype=np.int64), minlength=4)[:4]
-    pct = 100.0 * counts / max(int(counts.sum()), 1)
-    return {
-        "h_score": float(pct[1] + 2 * pct[2] + 3 * pct[3]),
-        "pct_negative": float(pct[0]),
-        "pct_weak": float(pct[1]),
-        "pct_moderate": float(pct[2]),
-        "pct_strong": float(pct[3]),
-        "n_nuclei": int(counts.sum()),
-    }
+    """H-score, class percentages and nucleus count of planted per-nucleus classes (``metrics.h_score``'s formula)."""
+    scores = h_score_from_classes(classes)
+    return {key: scores[key] for key in PLANTED_COLUMNS}
 
 
 def paint_ihc(

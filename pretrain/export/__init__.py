@@ -21,6 +21,7 @@ Plain timm reproduces the backbone features::
 adds the normalisation and the projection head (``.embed`` = ``PASTModel.encode_image``) and
 ``load_cell_encoder`` the whole cell tower with its vocabulary (``forward`` = ``PASTModel.encode_cell``).
 """
+
 from .card import render_model_card
 from .consolidate import CheckpointLocation, consolidate_state_dict, find_checkpoint, split_training_state
 from .load import (
@@ -51,9 +52,31 @@ from .write import (
 )
 
 __all__ = [
-    "CELL_DIR", "CONFIG_NAME", "EXPORT_FORMAT_VERSION", "IMAGE_DIR", "PROJECTION_NAME", "TECH_MEAN_NAME",
-    "VOCAB_NAME", "WEIGHTS_NAME", "CheckpointLocation", "ImageEncoder", "PretrainedCellEncoder",
-    "build_cell_tower", "cell_encoder_config", "check_which", "consolidate_state_dict", "export_checkpoint",
-    "find_checkpoint", "image_encoder_config", "load_cell_encoder", "load_image_encoder", "load_run_config",
-    "load_timm_encoder", "main", "render_model_card", "split_training_state", "verify_export", "write_image_encoder",
+    "CELL_DIR",
+    "CONFIG_NAME",
+    "EXPORT_FORMAT_VERSION",
+    "IMAGE_DIR",
+    "PROJECTION_NAME",
+    "TECH_MEAN_NAME",
+    "VOCAB_NAME",
+    "WEIGHTS_NAME",
+    "CheckpointLocation",
+    "ImageEncoder",
+    "PretrainedCellEncoder",
+    "build_cell_tower",
+    "cell_encoder_config",
+    "check_which",
+    "consolidate_state_dict",
+    "export_checkpoint",
+    "find_checkpoint",
+    "image_encoder_config",
+    "load_cell_encoder",
+    "load_image_encoder",
+    "load_run_config",
+    "load_timm_encoder",
+    "main",
+    "render_model_card",
+    "split_training_state",
+    "verify_export",
+    "write_image_encoder",
 ]

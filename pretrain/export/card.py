@@ -3,6 +3,7 @@
 The template holds the fixed text (what the encoders are, how to load them, intended use); this
 module computes the values and the optional blocks (final metrics, verification) that go into it.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,11 +30,15 @@ def _block(lines: list[str]) -> str:
 
 def _cell_architecture(mc: Mapping[str, Any]) -> str:
     cell, graph = mc["cell"], mc["graph"]
-    text = (f"transformer ({cell['layers']} layers, dim {cell['dim']}, {cell['heads']} heads, context "
-            f"{cell['context_length']} tokens, vocabulary {cell['vocab_size']} ids)")
+    text = (
+        f"transformer ({cell['layers']} layers, dim {cell['dim']}, {cell['heads']} heads, context "
+        f"{cell['context_length']} tokens, vocabulary {cell['vocab_size']} ids)"
+    )
     if graph["enabled"]:
-        return text + (f" + GAT niche branch ({graph['gat_layers']} layer(s), {graph['node_encoder']} nodes, radius "
-                       f"{graph['radius_um']} µm) + attention fusion")
+        return text + (
+            f" + GAT niche branch ({graph['gat_layers']} layer(s), {graph['node_encoder']} nodes, radius "
+            f"{graph['radius_um']} µm) + attention fusion"
+        )
     return text + " + linear projection"
 
 
@@ -43,29 +48,41 @@ def _final_metrics(summary: Mapping[str, Any]) -> str:
         return _block(["No `final_metrics.json` beside the checkpoint (the run did not finish, or ran elsewhere)."])
     text = ""
     if metrics.get("step") is not None and metrics["step"] != summary["step"]:
-        text = _block([f"(measured at the end of the run, step {metrics['step']}, not at this checkpoint's step "
-                       f"{summary['step']})"])
-    return text + _block([
-        f"Means over the last {_fmt(metrics.get('window_steps'))} training steps "
-        f"(global micro batch {_fmt(metrics.get('global_micro_batch'))}):",
-        "",
-        "| metric | value |",
-        "| --- | --- |",
-        f"| loss | {_fmt(metrics.get('loss'))} |",
-        f"| retrieval top-1, image → cell | {_fmt(metrics.get('retrieval_top1_img_to_cell'))} |",
-        f"| retrieval top-1, cell → image | {_fmt(metrics.get('retrieval_top1_cell_to_img'))} |",
-        f"| chance | {_fmt(metrics.get('chance'))} |",
-        f"| temperature τ | {_fmt(metrics.get('temperature'))} |",
-    ])
+        text = _block(
+            [
+                f"(measured at the end of the run, step {metrics['step']}, not at this checkpoint's step "
+                f"{summary['step']})"
+            ]
+        )
+    return text + _block(
+        [
+            f"Means over the last {_fmt(metrics.get('window_steps'))} training steps "
+            f"(global micro batch {_fmt(metrics.get('global_micro_batch'))}):",
+            "",
+            "| metric | value |",
+            "| --- | --- |",
+            f"| loss | {_fmt(metrics.get('loss'))} |",
+            f"| retrieval top-1, image → cell | {_fmt(metrics.get('retrieval_top1_img_to_cell'))} |",
+            f"| retrieval top-1, cell → image | {_fmt(metrics.get('retrieval_top1_cell_to_img'))} |",
+            f"| chance | {_fmt(metrics.get('chance'))} |",
+            f"| temperature τ | {_fmt(metrics.get('temperature'))} |",
+        ]
+    )
 
 
 def _verification(summary: Mapping[str, Any]) -> str:
     differences = summary.get("verification_max_abs_difference")
     if not differences:
         return ""
-    return _block(["## Verification", "",
-                   "Reloaded from these files, the encoders reproduce the checkpoint's model (max |difference|: "
-                   + ", ".join(f"{k} {v:.1e}" for k, v in differences.items()) + ")."])
+    return _block(
+        [
+            "## Verification",
+            "",
+            "Reloaded from these files, the encoders reproduce the checkpoint's model (max |difference|: "
+            + ", ".join(f"{k} {v:.1e}" for k, v in differences.items())
+            + ").",
+        ]
+    )
 
 
 def render_model_card(summary: Mapping[str, Any], tokenizer: Mapping[str, Any]) -> str:
@@ -83,8 +100,9 @@ def render_model_card(summary: Mapping[str, Any], tokenizer: Mapping[str, Any]) 
         "cell_architecture": _cell_architecture(mc),
         "input_height": image["input_size"][1],
         "input_width": image["input_size"][2],
-        "crop_resolution": (f" at {target_um_per_px} µm/pixel" if target_um_per_px
-                            else " at the slide's level-0 resolution"),
+        "crop_resolution": (
+            f" at {target_um_per_px} µm/pixel" if target_um_per_px else " at the slide's level-0 resolution"
+        ),
         "context_length": tokenizer["context_length"],
         "assay": tokenizer["assay"],
         "modality": tokenizer["modality"],

@@ -5,6 +5,7 @@ own ``zero_to_fp32`` utilities (ZeRO 1-3); a checkpoint saved without ZeRO holds
 state in rank 0's model-states file. A run trained in bf16 computed its embeddings with bf16
 copies of them, so exported fp32 embeddings agree with the training model's to bf16 precision.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,12 +59,20 @@ def find_checkpoint(path: str | Path, tag: str | None = None) -> CheckpointLocat
     if tag is None:
         tag = ckpt.read_latest(ckpt_dir)
         if tag is None:
-            raise InputError(ckpt_dir / ckpt.LATEST, None, f"a '{ckpt.LATEST}' file naming the checkpoint tag "
-                             "(or pass --tag)", "no such file")
+            raise InputError(
+                ckpt_dir / ckpt.LATEST,
+                None,
+                f"a '{ckpt.LATEST}' file naming the checkpoint tag (or pass --tag)",
+                "no such file",
+            )
     location = CheckpointLocation(ckpt_dir, tag)
     if not _is_tag_dir(location.tag_dir):
-        raise InputError(location.tag_dir, None, "a DeepSpeed tag folder holding *model_states.pt files",
-                         "missing" if not location.tag_dir.exists() else "no model states in it")
+        raise InputError(
+            location.tag_dir,
+            None,
+            "a DeepSpeed tag folder holding *model_states.pt files",
+            "missing" if not location.tag_dir.exists() else "no model states in it",
+        )
     return location
 
 
@@ -111,6 +120,6 @@ def split_training_state(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, t
     """
     if not any(key.startswith(MODEL_PREFIX) for key in state):
         return dict(state), {}
-    model_state = {k[len(MODEL_PREFIX):]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
+    model_state = {k[len(MODEL_PREFIX) :]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
     extras = {k: v for k, v in state.items() if not k.startswith(MODEL_PREFIX)}
     return model_state, extras

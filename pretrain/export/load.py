@@ -14,6 +14,7 @@ File names and format tags of an export folder (written by :mod:`pretrain.export
     image_encoder/{model.safetensors, projection.safetensors, config.json}
     cell_encoder/{model.safetensors, config.json, vocab.tsv, tech_mean.npy}
 """
+
 from __future__ import annotations
 
 import copy
@@ -38,6 +39,7 @@ from ..models.image_encoder import (
     IMAGENET_STD,
     create_backbone,
     load_backbone_weights,
+    load_state_strict,
     make_projection_head,
 )
 
@@ -74,11 +76,20 @@ class ImageEncoder(nn.Module):
     architecture (``finetune.encoders.random_like``).
     """
 
-    def __init__(self, backbone: nn.Module, projection: nn.Module | None = None, *, arch: str,
-                 arch_kwargs: Mapping[str, Any], mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD, input_size_px: tuple[int, int] | None = None,
-                 data_config: Mapping[str, Any] | None = None, description: Mapping[str, Any] | None = None,
-                 config: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        projection: nn.Module | None = None,
+        *,
+        arch: str,
+        arch_kwargs: Mapping[str, Any],
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        input_size_px: tuple[int, int] | None = None,
+        data_config: Mapping[str, Any] | None = None,
+        description: Mapping[str, Any] | None = None,
+        config: Mapping[str, Any] | None = None,
+    ):
         super().__init__()
         self.backbone = backbone
         self.projection = projection
@@ -115,7 +126,11 @@ class ImageEncoder(nn.Module):
 
     def preprocess(self, images_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 (B, H, W, 3) RGB → float32 (B, 3, h, w) normalised at the encoder's input size."""
-        images = torch.as_tensor(np.ascontiguousarray(images_uint8)) if isinstance(images_uint8, np.ndarray) else images_uint8
+        images = (
+            torch.as_tensor(np.ascontiguousarray(images_uint8))
+            if isinstance(images_uint8, np.ndarray)
+            else images_uint8
+        )
         if images.ndim != 4 or images.shape[-1] != 3:
             raise InputError(None, "images", "uint8 RGB batches shaped (B, H, W, 3)", tuple(images.shape))
         x = images.to(self.mean.device).permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W) in [0, 1]
@@ -141,8 +156,9 @@ class ImageEncoder(nn.Module):
         return self.embed(images) if which == "projected" else self.features(images)
 
     @torch.no_grad()
-    def encode(self, images: np.ndarray | Sequence[np.ndarray], which: str = "backbone",
-               batch_size: int = 64) -> np.ndarray:
+    def encode(
+        self, images: np.ndarray | Sequence[np.ndarray], which: str = "backbone", batch_size: int = 64
+    ) -> np.ndarray:
         """float32 (N, dim) outputs of uint8 RGB images ((N, H, W, 3), or N arrays (H, W, 3)), in order,
         ``batch_size`` images at a time on the encoder's device."""
         check_which(which, self)
@@ -161,8 +177,13 @@ def check_which(which: str, encoder: ImageEncoder | None = None) -> None:
     if which not in WHICH:
         raise InputError(None, "which", "'backbone' (pooled backbone features) or 'projected' (joint space)", which)
     if which == "projected" and encoder is not None and not encoder.has_projection:
-        raise InputError(None, "which", f"'backbone': the {encoder.description.get('source')} encoder has no "
-                         "projection head (only PAST exports do)", which)
+        raise InputError(
+            None,
+            "which",
+            f"'backbone': the {encoder.description.get('source')} encoder has no "
+            "projection head (only PAST exports do)",
+            which,
+        )
 
 
 def input_size_px(pretrained_cfg: Mapping[str, Any] | None, backbone: nn.Module) -> tuple[int, int] | None:
@@ -180,34 +201,35 @@ def _mean_std(pretrained_cfg: Mapping[str, Any] | None) -> tuple[tuple[float, ..
     return tuple(cfg.get("mean") or IMAGENET_MEAN), tuple(cfg.get("std") or IMAGENET_STD)
 
 
-def _wrap(backbone: nn.Module, projection: nn.Module | None, arch: str, arch_kwargs: Mapping[str, Any],
-          pretrained_cfg: Mapping[str, Any] | None, description: Mapping[str, Any],
-          config: Mapping[str, Any] | None = None) -> ImageEncoder:
+def _wrap(
+    backbone: nn.Module,
+    projection: nn.Module | None,
+    arch: str,
+    arch_kwargs: Mapping[str, Any],
+    pretrained_cfg: Mapping[str, Any] | None,
+    description: Mapping[str, Any],
+    config: Mapping[str, Any] | None = None,
+) -> ImageEncoder:
     """The wrapper with the normalisation and input size its weights' pretrained_cfg names."""
     mean, std = _mean_std(pretrained_cfg)
-    return ImageEncoder(backbone, projection, arch=arch, arch_kwargs=arch_kwargs, mean=mean, std=std,
-                        input_size_px=input_size_px(pretrained_cfg, backbone), data_config=pretrained_cfg,
-                        description=description, config=config)
+    return ImageEncoder(
+        backbone,
+        projection,
+        arch=arch,
+        arch_kwargs=arch_kwargs,
+        mean=mean,
+        std=std,
+        input_size_px=input_size_px(pretrained_cfg, backbone),
+        data_config=pretrained_cfg,
+        description=description,
+        config=config,
+    )
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise InputError(path, None, "an exported safetensors file", "no such file")
     return load_file(str(path), device="cpu")
-
-
-def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: Path | str, what: str) -> None:
-    """load_state_dict(strict=True), as one InputError naming the file on any mismatch."""
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = sorted(f"{k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-                         for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    if missing or unexpected or wrong_shape:
-        found = "; ".join(f"{label} ({len(keys)}): {keys[:6]}{' ...' if len(keys) > 6 else ''}"
-                          for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", wrong_shape)) if keys)
-        raise InputError(source, "state_dict", f"the parameters of {what}", found)
-    module.load_state_dict(state, strict=True)
 
 
 def load_image_encoder(path: str | Path, device: str | torch.device = "cpu") -> ImageEncoder:
@@ -219,20 +241,28 @@ def load_image_encoder(path: str | Path, device: str | torch.device = "cpu") -> 
     config = read_json_file(path / CONFIG_NAME, "the config.json of an exported image encoder")
     past = config.get("past") or {}
     if past.get("format") != IMAGE_FORMAT:
-        raise InputError(path / CONFIG_NAME, "past.format", f"'{IMAGE_FORMAT}' (written by pretrain.export)", past.get("format"))
+        raise InputError(
+            path / CONFIG_NAME, "past.format", f"'{IMAGE_FORMAT}' (written by pretrain.export)", past.get("format")
+        )
     arch, kwargs = config["architecture"], dict(config["model_args"])
     backbone = create_backbone(arch, kwargs)
     load_state_strict(backbone, _load_safetensors(path / WEIGHTS_NAME), path / WEIGHTS_NAME, f"timm '{arch}'")
     projection = past["projection"]
     head = make_projection_head(int(projection["in_features"]), int(projection["out_features"]), projection["head"])
-    load_state_strict(head, _load_safetensors(path / projection["file"]), path / projection["file"], "the projection head")
+    load_state_strict(
+        head, _load_safetensors(path / projection["file"]), path / projection["file"], "the projection head"
+    )
     description = {"source": "export", "path": str(path), "arch": arch, "kwargs": kwargs}
     return _wrap(backbone, head, arch, kwargs, config["pretrained_cfg"], description, config).to(device).eval()
 
 
-def load_timm_encoder(arch: str, kwargs: Mapping[str, Any] | None = None, weights: str | Path | None = None,
-                      pretrained_cfg: Mapping[str, Any] | None = None,
-                      description: Mapping[str, Any] | None = None) -> ImageEncoder:
+def load_timm_encoder(
+    arch: str,
+    kwargs: Mapping[str, Any] | None = None,
+    weights: str | Path | None = None,
+    pretrained_cfg: Mapping[str, Any] | None = None,
+    description: Mapping[str, Any] | None = None,
+) -> ImageEncoder:
     """Any timm model as a backbone-only encoder (``num_classes=0``), in eval mode on the CPU: weights
     loaded strictly from a local file (never downloaded), or timm's random initialisation without one.
     ``pretrained_cfg`` (default: timm's for ``arch``) gives the normalisation and input size."""
@@ -259,8 +289,14 @@ class PretrainedCellEncoder(nn.Module):
     ``tokenize(adata)`` turns cells into rank tokens exactly as the training shards were made.
     """
 
-    def __init__(self, tower: nn.Module, vocabulary: Vocabulary, tech_mean: np.ndarray | None,
-                 tokenizer: Mapping[str, Any], config: Mapping[str, Any]):
+    def __init__(
+        self,
+        tower: nn.Module,
+        vocabulary: Vocabulary,
+        tech_mean: np.ndarray | None,
+        tokenizer: Mapping[str, Any],
+        config: Mapping[str, Any],
+    ):
         super().__init__()
         self.tower = tower  # a PASTModel without its image encoder
         self.vocabulary = vocabulary
@@ -279,7 +315,9 @@ class PretrainedCellEncoder(nn.Module):
     def tokenize(self, adata) -> np.ndarray:
         """AnnData of raw counts → int32 rank tokens (n_cells, context_length)."""
         t = self.tokenizer
-        return rank_tokens(adata, self.vocabulary, self.tech_mean, t["context_length"], t["assay"], t["modality"], t["organism"])
+        return rank_tokens(
+            adata, self.vocabulary, self.tech_mean, t["context_length"], t["assay"], t["modality"], t["organism"]
+        )
 
 
 def build_cell_tower(model_config: Mapping[str, Any]) -> nn.Module:
@@ -299,7 +337,9 @@ def load_cell_encoder(path: str | Path, device: str | torch.device = "cpu") -> P
         path = path / CELL_DIR
     config = read_json_file(path / CONFIG_NAME, "the config.json of an exported cell encoder")
     if config.get("format") != CELL_FORMAT:
-        raise InputError(path / CONFIG_NAME, "format", f"'{CELL_FORMAT}' (written by pretrain.export)", config.get("format"))
+        raise InputError(
+            path / CONFIG_NAME, "format", f"'{CELL_FORMAT}' (written by pretrain.export)", config.get("format")
+        )
     tokenizer = config["tokenizer"]
     vocab = Vocabulary.from_file(path / tokenizer["vocabulary"])
     if vocab.sha256() != tokenizer["vocabulary_sha256"]:

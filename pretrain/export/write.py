@@ -22,6 +22,7 @@ overrides are checked against :class:`pretrain.config.PretrainConfig`, and the s
 vocabulary against the hashes recorded at training. After writing, the encoders are reloaded from
 the files (:mod:`pretrain.export.load`) and must reproduce the reconstructed fp32 model exactly.
 """
+
 from __future__ import annotations
 
 import copy
@@ -50,7 +51,7 @@ from .. import checkpoint as ckpt
 from ..config import PretrainConfig
 from ..loss import LearnableTemperature
 from ..models import build_model, resolve_model_config
-from ..models.image_encoder import IMAGENET_MEAN, IMAGENET_STD
+from ..models.image_encoder import IMAGENET_MEAN, IMAGENET_STD, load_state_strict
 from ..training_module import resolve_model_section
 from .card import render_model_card
 from .consolidate import CheckpointLocation, consolidate_state_dict, find_checkpoint, split_training_state
@@ -67,7 +68,6 @@ from .load import (
     WEIGHTS_NAME,
     load_cell_encoder,
     load_image_encoder,
-    load_state_strict,
 )
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,17 @@ IMAGE_PREFIX = "image_encoder."  # PASTModel state-dict keys of the image tower 
 MANIFEST_EXPECTED = "the shard manifest the run trained on (or pass --manifest)"
 # timm pretrained_cfg fields that describe the exported weights' input (source tags/urls/licences do not apply).
 _PRETRAINED_CFG_KEYS = (
-    "input_size", "fixed_input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std",
-    "num_classes", "pool_size", "first_conv", "classifier",
+    "input_size",
+    "fixed_input_size",
+    "interpolation",
+    "crop_pct",
+    "crop_mode",
+    "mean",
+    "std",
+    "num_classes",
+    "pool_size",
+    "first_conv",
+    "classifier",
 )
 _TOKENIZER_DEFAULTS = {"assay": "xenium", "modality": "spatial", "organism": "human"}
 _VERIFY_ATOL = 1e-5
@@ -95,16 +104,21 @@ def check_overrides(overrides: Sequence[str]) -> None:
         resolve_model_config(load_config(None, overrides, schema=PretrainConfig).model)
 
 
-def load_run_config(location: CheckpointLocation, config: str | Path | None = None,
-                    overrides: Sequence[str] = ()) -> tuple[DictConfig, Path]:
+def load_run_config(
+    location: CheckpointLocation, config: str | Path | None = None, overrides: Sequence[str] = ()
+) -> tuple[DictConfig, Path]:
     """The run config (``config`` if given, else the one saved with the checkpoint) checked against
     :class:`pretrain.config.PretrainConfig`, with ``key=value`` overrides; and the file it came from."""
     if config is None:
         candidates = [location.tag_dir / RUN_CONFIG_NAME, location.run_dir / RUN_CONFIG_NAME]
         config = next((path for path in candidates if path.is_file()), None)
         if config is None:
-            raise InputError(candidates[0], None, f"the run config saved with the checkpoint (or in "
-                             f"{candidates[1]}), or pass --config", "no such file")
+            raise InputError(
+                candidates[0],
+                None,
+                f"the run config saved with the checkpoint (or in {candidates[1]}), or pass --config",
+                "no such file",
+            )
     cfg = load_config(config, overrides, schema=PretrainConfig)
     return cfg, Path(config)
 
@@ -115,8 +129,12 @@ def load_manifest_vocabulary(manifest: Mapping, manifest_path: Path) -> tuple[Vo
     path = manifest_path.parent / info["path"]
     vocab = Vocabulary.from_file(path)
     if vocab.sha256() != info["sha256"]:
-        raise InputError(path, "sha256", f"the vocabulary the shards were tokenized with ({info['sha256'][:12]}…, "
-                         f"{manifest_path})", f"{vocab.sha256()[:12]}…")
+        raise InputError(
+            path,
+            "sha256",
+            f"the vocabulary the shards were tokenized with ({info['sha256'][:12]}…, {manifest_path})",
+            f"{vocab.sha256()[:12]}…",
+        )
     return vocab, path
 
 
@@ -126,8 +144,11 @@ def tokenizer_settings(manifest: Mapping, context_length: int) -> dict:
     settings = {key: tokens.get(key, default) for key, default in _TOKENIZER_DEFAULTS.items()}
     settings["context_length"] = int(tokens.get("context_length", context_length))
     if settings["context_length"] != context_length:
-        log.warning("shards were tokenized to %d tokens but the model's context is %d",
-                    settings["context_length"], context_length)
+        log.warning(
+            "shards were tokenized to %d tokens but the model's context is %d",
+            settings["context_length"],
+            context_length,
+        )
     return settings
 
 
@@ -173,8 +194,11 @@ def image_encoder_config(image_encoder: nn.Module, model_config: Mapping[str, An
     backbone = image_encoder.backbone
     pretrained_cfg = {k: v for k, v in backbone.pretrained_cfg.items() if k in _PRETRAINED_CFG_KEYS}
     pretrained_cfg.update(
-        input_size=_input_size(backbone, crop), mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
-        crop_pct=1.0, num_classes=0,
+        input_size=_input_size(backbone, crop),
+        mean=list(IMAGENET_MEAN),
+        std=list(IMAGENET_STD),
+        crop_pct=1.0,
+        num_classes=0,
     )
     if tuple(pretrained_cfg["input_size"][1:]) != tuple(backbone.pretrained_cfg.get("input_size", (3, 0, 0))[1:]):
         pretrained_cfg["pool_size"] = None
@@ -189,8 +213,10 @@ def image_encoder_config(image_encoder: nn.Module, model_config: Mapping[str, An
             "format_version": EXPORT_FORMAT_VERSION,
             "weights": WEIGHTS_NAME,
             "projection": {
-                "file": PROJECTION_NAME, "head": model_config["image"]["head"],
-                "in_features": int(backbone.num_features), "out_features": int(model_config["proj_dim"]),
+                "file": PROJECTION_NAME,
+                "head": model_config["image"]["head"],
+                "in_features": int(backbone.num_features),
+                "out_features": int(model_config["proj_dim"]),
             },
             "embedding": "L2-normalised projection of the pooled backbone feature (PASTModel.encode_image)",
             "image_normalisation": "RGB / 255, then (x - mean) / std per channel (pretrained_cfg mean/std)",
@@ -201,8 +227,9 @@ def image_encoder_config(image_encoder: nn.Module, model_config: Mapping[str, An
     return config
 
 
-def write_image_encoder(image_encoder: nn.Module, folder: Path, model_config: Mapping[str, Any],
-                        crop: Mapping[str, Any]) -> dict:
+def write_image_encoder(
+    image_encoder: nn.Module, folder: Path, model_config: Mapping[str, Any], crop: Mapping[str, Any]
+) -> dict:
     """``image_encoder/`` (backbone and projection weights, config.json) of an image tower; its config."""
     _save_safetensors(image_encoder.backbone.state_dict(), folder / WEIGHTS_NAME)
     _save_safetensors(image_encoder.head.state_dict(), folder / PROJECTION_NAME)
@@ -211,8 +238,12 @@ def write_image_encoder(image_encoder: nn.Module, folder: Path, model_config: Ma
     return config
 
 
-def cell_encoder_config(model_config: Mapping[str, Any], tokenizer: Mapping[str, Any],
-                        neighbours: Mapping[str, Any], temperature: float | None) -> dict:
+def cell_encoder_config(
+    model_config: Mapping[str, Any],
+    tokenizer: Mapping[str, Any],
+    neighbours: Mapping[str, Any],
+    temperature: float | None,
+) -> dict:
     return {
         "format": CELL_FORMAT,
         "format_version": EXPORT_FORMAT_VERSION,
@@ -244,7 +275,8 @@ def _synthetic_cells(model_config: Mapping[str, Any], seed: int = 0) -> dict[str
         return tokens
 
     return {
-        "tokens": rows(3), "nbr_tokens": rows(3),
+        "tokens": rows(3),
+        "nbr_tokens": rows(3),
         "nbr_offsets_um": torch.randn(3, 2, generator=g) * 15.0,
         "nbr_batch": torch.tensor([0, 0, 2]),
     }
@@ -304,8 +336,12 @@ def export_checkpoint(
     vocab, vocab_path = load_manifest_vocabulary(manifest_dict, manifest_path)
     model_config = resolve_model_section(cfg, manifest_dict)
     if model_config["cell"]["vocab_size"] < GENE_OFFSET + len(vocab):
-        raise InputError(config_path, "model.cell.vocab_size", f">= {GENE_OFFSET + len(vocab)} for the "
-                         f"{len(vocab)} genes of {vocab_path}", model_config["cell"]["vocab_size"])
+        raise InputError(
+            config_path,
+            "model.cell.vocab_size",
+            f">= {GENE_OFFSET + len(vocab)} for the {len(vocab)} genes of {vocab_path}",
+            model_config["cell"]["vocab_size"],
+        )
     tech_mean_info = manifest_dict.get("tech_mean") or {}
     tech_mean_path = manifest_path.parent / tech_mean_info["path"] if tech_mean_info.get("path") else None
     if tech_mean_path is not None:
@@ -313,8 +349,12 @@ def export_checkpoint(
     data_config = manifest_dict.get("config") or {}
     tokenizer = tokenizer_settings(manifest_dict, int(model_config["cell"]["context_length"]))
     tokenizer.update(
-        vocabulary=VOCAB_NAME, vocabulary_sha256=vocab.sha256(), vocabulary_size=len(vocab),
-        tech_mean=TECH_MEAN_NAME if tech_mean_path is not None else None, gene_token_offset=GENE_OFFSET, pad_id=PAD,
+        vocabulary=VOCAB_NAME,
+        vocabulary_sha256=vocab.sha256(),
+        vocabulary_size=len(vocab),
+        tech_mean=TECH_MEAN_NAME if tech_mean_path is not None else None,
+        gene_token_offset=GENE_OFFSET,
+        pad_id=PAD,
     )
 
     state, extras = split_training_state(consolidate_state_dict(location))
@@ -338,8 +378,10 @@ def export_checkpoint(
         shutil.copyfile(vocab_path, cell_dir / VOCAB_NAME)
         if tech_mean_path is not None:
             shutil.copyfile(tech_mean_path, cell_dir / TECH_MEAN_NAME)
-        _write_json(cell_dir / CONFIG_NAME, cell_encoder_config(
-            model_config, tokenizer, data_config.get("neighbours") or {}, temperature))
+        _write_json(
+            cell_dir / CONFIG_NAME,
+            cell_encoder_config(model_config, tokenizer, data_config.get("neighbours") or {}, temperature),
+        )
         save_config(cfg, tmp / "training_config.yaml")
         differences = verify_export(model, tmp) if verify else None
         summary = {
@@ -352,15 +394,21 @@ def export_checkpoint(
             "temperature": temperature,
             "model": model_config,
             "image_encoder": {
-                "architecture": image_config["architecture"], "model_args": image_config["model_args"],
-                "num_features": image_config["num_features"], "proj_dim": model.proj_dim,
-                "input_size": image_config["pretrained_cfg"]["input_size"], "crop": image_config["past"]["crop"],
+                "architecture": image_config["architecture"],
+                "model_args": image_config["model_args"],
+                "num_features": image_config["num_features"],
+                "proj_dim": model.proj_dim,
+                "input_size": image_config["pretrained_cfg"]["input_size"],
+                "crop": image_config["past"]["crop"],
             },
             "data": {
-                "manifest": str(manifest_path), "manifest_sha256": file_sha256(manifest_path),
-                "n_samples": manifest_dict.get("n_samples"), "n_shards": manifest_dict.get("n_shards"),
+                "manifest": str(manifest_path),
+                "manifest_sha256": file_sha256(manifest_path),
+                "n_samples": manifest_dict.get("n_samples"),
+                "n_shards": manifest_dict.get("n_shards"),
                 "slides": sorted((manifest_dict.get("slides") or {}).keys()),
-                "vocabulary_sha256": vocab.sha256(), "vocabulary_size": len(vocab),
+                "vocabulary_sha256": vocab.sha256(),
+                "vocabulary_size": len(vocab),
             },
             "final_metrics": final_metrics or None,
             "verification_max_abs_difference": differences,

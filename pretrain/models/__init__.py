@@ -2,6 +2,7 @@
 
 See ``pretrain.models.past`` for the batch dict, the outputs and the configuration table.
 """
+
 from .cell_encoder import CellEncoder, real_token_mask
 from .fusion import AttentionFusion
 from .graph import BagNodeEncoder, EdgeFeatures, GraphBranch, build_neighbour_graph

@@ -15,6 +15,7 @@ Block: pre-norm (LayerNorm → multi-head self-attention via
 Linear → residual), a final LayerNorm before pooling. Pre-norm is our choice for stable bf16
 training; positions are learnable (context_length × dim), so rank order matters.
 """
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ Multi-head attention with the transformer feature as the only query and the two 
 scales), an output linear, then a projection to the joint space. The query decides per head how
 much of the niche to take in.
 """
+
 from __future__ import annotations
 
 import torch

@@ -19,6 +19,7 @@ Node features come from each cell's tokens through learned layers, two encoders 
   position (initialised to 1 / log2(rank + 2)) and averaged over real tokens, then LayerNorm.
   Cost ≈ 2·L·hidden FLOPs per node, thousands of times cheaper.
 """
+
 from __future__ import annotations
 
 import torch
@@ -163,8 +164,14 @@ class GraphBranch(nn.Module):
         self.edge_features = EdgeFeatures(edge_features, rbf_bins, max_distance_um)
         self.norms = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(gat_layers))
         self.convs = nn.ModuleList(
-            GATConv(hidden, hidden // gat_heads, heads=gat_heads, edge_dim=self.edge_features.dim,
-                    add_self_loops=False, dropout=dropout)
+            GATConv(
+                hidden,
+                hidden // gat_heads,
+                heads=gat_heads,
+                edge_dim=self.edge_features.dim,
+                add_self_loops=False,
+                dropout=dropout,
+            )
             for _ in range(gat_layers)
         )
         self.norm_out = nn.LayerNorm(hidden)
@@ -208,4 +215,3 @@ def gat_flops(n_nodes: int, n_edges: int, hidden: int, edge_dim: int, layers: in
 def star_graph_edges(k: int, radius_edges: bool) -> int:
     """Edges of one centre with k neighbours: 2k spokes + (k + 1) self-loops (+ k(k-1) pairs at most)."""
     return 2 * k + (k + 1) + (k * (k - 1) if radius_edges else 0)
-

@@ -18,6 +18,7 @@ Projection head (``head``):
 - ``"linear"``: Linear(num_features → proj_dim), as in CLIP;
 - ``"mlp"``: Linear(num_features → num_features) → GELU → Linear(num_features → proj_dim).
 """
+
 from __future__ import annotations
 
 import logging
@@ -45,7 +46,9 @@ def create_backbone(arch: str, arch_kwargs: Mapping[str, Any] | None = None) -> 
     kwargs = dict(arch_kwargs or {})
     reserved = sorted(k for k in kwargs if k in _RESERVED_KWARGS)
     if reserved:
-        raise InputError(None, "model.image.kwargs", "architecture kwargs only (weights come from model.image.weights)", reserved)
+        raise InputError(
+            None, "model.image.kwargs", "architecture kwargs only (weights come from model.image.weights)", reserved
+        )
     if not timm.is_model(arch):
         raise InputError(None, "model.image.arch", "a timm model name (see timm.list_models())", arch)
     try:
@@ -84,6 +87,32 @@ def _classifier_prefixes(backbone: nn.Module) -> tuple[str, ...]:
     return tuple(f"{n}." for n in names)
 
 
+def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: Path | str, what: str) -> None:
+    """``module.load_state_dict(state, strict=True)``, or one InputError naming ``source`` that lists the
+    missing and unexpected keys and the shape mismatches (a few of each), so a wrong file is told apart
+    from a wrong architecture at a glance."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(state) & set(expected)
+        if state[k].shape != expected[k].shape
+    )
+    if missing or unexpected or wrong_shape:
+        found = "; ".join(
+            f"{label} ({len(keys)}): {keys[:8]}{' ...' if len(keys) > 8 else ''}"
+            for label, keys in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches", wrong_shape),
+            )
+            if keys
+        )
+        raise InputError(source, "state_dict", f"the parameters of {what}", found)
+    module.load_state_dict(state, strict=True)
+
+
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     """Strict load of a local state_dict into ``backbone``; one InputError on any mismatch."""
     path = Path(path)
@@ -94,22 +123,8 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
         if dropped:
             log.info("%s: dropping classifier weights %s (backbone has num_classes=0)", path, dropped)
             state = {k: v for k, v in state.items() if k not in dropped}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = sorted(
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(state) & set(expected)
-        if state[k].shape != expected[k].shape
-    )
-    if missing or unexpected or wrong_shape:
-        arch = getattr(backbone, "default_cfg", {}).get("architecture", type(backbone).__name__)
-        found = "; ".join(
-            f"{label} ({len(keys)}): {keys[:8]}{' ...' if len(keys) > 8 else ''}"
-            for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong_shape))
-            if keys
-        )
-        raise InputError(path, "state_dict", f"the parameters of timm '{arch}' with the configured kwargs", found)
-    backbone.load_state_dict(state, strict=True)
+    arch = getattr(backbone, "default_cfg", {}).get("architecture", type(backbone).__name__)
+    load_state_strict(backbone, state, path, f"timm '{arch}' with the configured kwargs")
     log.info("loaded image backbone weights from %s (%d tensors)", path, len(state))
 
 
@@ -145,7 +160,9 @@ class ImageTower(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if enable and not hasattr(self.backbone, "set_grad_checkpointing"):
-            raise InputError(None, "model.grad_checkpointing", f"a timm model supporting it ('{self.arch}' does not)", enable)
+            raise InputError(
+                None, "model.grad_checkpointing", f"a timm model supporting it ('{self.arch}' does not)", enable
+            )
         if hasattr(self.backbone, "set_grad_checkpointing"):
             self.backbone.set_grad_checkpointing(enable)
 

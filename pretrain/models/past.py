@@ -48,6 +48,7 @@ Configuration (``model.*``; defaults are the paper's values where the paper stat
 | proj_dim                    | 256                      | paper |
 | grad_checkpointing          | false                    | activation checkpointing in the cell transformer and the ViT |
 """
+
 from __future__ import annotations
 
 import copy
@@ -73,12 +74,26 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_CONFIG: dict[str, Any] = {
     "image": {"arch": "vit_large_patch16_224", "kwargs": {}, "weights": None, "head": "linear"},
     "cell": {
-        "dim": 512, "heads": 16, "ff_dim": 1024, "layers": 12, "context_length": 300,
-        "vocab_size": 20340, "dropout": 0.0, "trim_padding": True,
+        "dim": 512,
+        "heads": 16,
+        "ff_dim": 1024,
+        "layers": 12,
+        "context_length": 300,
+        "vocab_size": 20340,
+        "dropout": 0.0,
+        "trim_padding": True,
     },
     "graph": {
-        "enabled": True, "node_encoder": "transformer", "gat_layers": 2, "gat_heads": 4, "hidden": 256,
-        "radius_um": 25.0, "edge_features": "rbf", "rbf_bins": 16, "max_distance_um": 50.0, "dropout": 0.0,
+        "enabled": True,
+        "node_encoder": "transformer",
+        "gat_layers": 2,
+        "gat_heads": 4,
+        "hidden": 256,
+        "radius_um": 25.0,
+        "edge_features": "rbf",
+        "rbf_bins": 16,
+        "max_distance_um": 50.0,
+        "dropout": 0.0,
     },
     "fusion": {"heads": 8},
     "proj_dim": 256,
@@ -228,17 +243,31 @@ def build_model(cfg: Mapping | DictConfig | None = None) -> PASTModel:
         image["arch"], image["kwargs"], image["weights"], mc["proj_dim"], image["head"], mc["grad_checkpointing"]
     )
     cell_encoder = CellEncoder(
-        vocab_size=cell["vocab_size"], dim=cell["dim"], heads=cell["heads"], ff_dim=cell["ff_dim"],
-        layers=cell["layers"], context_length=cell["context_length"], dropout=cell["dropout"],
-        trim_padding=cell["trim_padding"], grad_checkpointing=mc["grad_checkpointing"],
+        vocab_size=cell["vocab_size"],
+        dim=cell["dim"],
+        heads=cell["heads"],
+        ff_dim=cell["ff_dim"],
+        layers=cell["layers"],
+        context_length=cell["context_length"],
+        dropout=cell["dropout"],
+        trim_padding=cell["trim_padding"],
+        grad_checkpointing=mc["grad_checkpointing"],
     )
     graph_branch = fusion = None
     if graph["enabled"]:
         graph_branch = GraphBranch(
-            cell_dim=cell["dim"], vocab_size=cell["vocab_size"], context_length=cell["context_length"],
-            node_encoder=graph["node_encoder"], hidden=graph["hidden"], gat_layers=graph["gat_layers"],
-            gat_heads=graph["gat_heads"], radius_um=graph["radius_um"], edge_features=graph["edge_features"],
-            rbf_bins=graph["rbf_bins"], max_distance_um=graph["max_distance_um"], dropout=graph["dropout"],
+            cell_dim=cell["dim"],
+            vocab_size=cell["vocab_size"],
+            context_length=cell["context_length"],
+            node_encoder=graph["node_encoder"],
+            hidden=graph["hidden"],
+            gat_layers=graph["gat_layers"],
+            gat_heads=graph["gat_heads"],
+            radius_um=graph["radius_um"],
+            edge_features=graph["edge_features"],
+            rbf_bins=graph["rbf_bins"],
+            max_distance_um=graph["max_distance_um"],
+            dropout=graph["dropout"],
         )
         fusion = AttentionFusion(cell["dim"], mc["fusion"]["heads"], mc["proj_dim"])
     model = PASTModel(image_encoder, cell_encoder, graph_branch, fusion, mc["proj_dim"], config=mc)

@@ -1,4 +1,5 @@
 """common.cli.run_entry: bad input is one line on stderr and exit code 2, not a traceback."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """common.config: typed schemas refuse unknown keys (with a suggestion) and wrong types."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -54,17 +55,21 @@ def test_defaults_filled_and_values_converted():
     assert cfg.slides[0].bundle == "" and cfg.slides[0].id == "S1"
     # A plain config: stages may add derived keys after the checks.
     cfg.derived = 1
-    assert apply_schema(Schema, OmegaConf.masked_copy(cfg, [k for k in cfg if k != "derived"])) == \
-        OmegaConf.masked_copy(cfg, [k for k in cfg if k != "derived"])
+    assert apply_schema(
+        Schema, OmegaConf.masked_copy(cfg, [k for k in cfg if k != "derived"])
+    ) == OmegaConf.masked_copy(cfg, [k for k in cfg if k != "derived"])
 
 
-@pytest.mark.parametrize("override, key, suggestion", [
-    ({"crop": {"sise": 64}}, "crop.sise", "crop.size_px"),
-    ({"chekpoint": {"every_steps": 3}}, "chekpoint", "checkpoint"),
-    ({"train": {"learning_rate": 5e-4}}, "train.learning_rate", "train.lr"),
-    ({"slides": [{"id": "S1", "bundel": "x"}]}, "slides[0].bundel", "slides[0].bundle"),
-    ({"encoders": {"past": {"bundel": "x"}}}, "encoders.past.bundel", "encoders.past.bundle"),
-])
+@pytest.mark.parametrize(
+    "override, key, suggestion",
+    [
+        ({"crop": {"sise": 64}}, "crop.sise", "crop.size_px"),
+        ({"chekpoint": {"every_steps": 3}}, "chekpoint", "checkpoint"),
+        ({"train": {"learning_rate": 5e-4}}, "train.learning_rate", "train.lr"),
+        ({"slides": [{"id": "S1", "bundel": "x"}]}, "slides[0].bundel", "slides[0].bundle"),
+        ({"encoders": {"past": {"bundel": "x"}}}, "encoders.past.bundel", "encoders.past.bundle"),
+    ],
+)
 def test_unknown_key_named_with_closest_valid_key(override, key, suggestion):
     with pytest.raises(InputError) as info:
         apply_schema(Schema, override, source="demo.yaml")
@@ -87,11 +92,14 @@ def test_open_sections_accept_any_key():
     assert cfg.model.image.depth == 2
 
 
-@pytest.mark.parametrize("override, key, expected", [
-    ({"train": {"epochs": "ten"}}, "train.epochs", "int"),
-    ({"crop": {"target_um_per_px": "half"}}, "crop.target_um_per_px", "float"),
-    ({"crop": 3}, "crop", None),
-])
+@pytest.mark.parametrize(
+    "override, key, expected",
+    [
+        ({"train": {"epochs": "ten"}}, "train.epochs", "int"),
+        ({"crop": {"target_um_per_px": "half"}}, "crop.target_um_per_px", "float"),
+        ({"crop": 3}, "crop", None),
+    ],
+)
 def test_wrong_type_names_key_and_type(override, key, expected):
     with pytest.raises(InputError) as info:
         apply_schema(Schema, override)

@@ -1,11 +1,10 @@
 """The data config schema: the demo loads as written, misspelled keys and wrong types are refused
 (with the key and the closest valid one named) before any file is written, by every entry point."""
+
 from __future__ import annotations
 
 import dataclasses
 import inspect
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,40 +17,18 @@ from data_shards.register import register_bundle
 from data_shards.schema import BundleConfig, DataConfig, RegisterConfig, slide_register_config
 from data_shards.stages import SHARD_COMMANDS, run_make_bundle, run_make_shards
 from data_shards.synthetic import make_bundle
+from tests.support import assert_refused, assert_subset, run_launch
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "configs" / "data" / "demo.yaml"
 
 
-def _run(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, f"launch/{script}", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
-
-
-def _assert_refused(result: subprocess.CompletedProcess, key: str, suggestion: str) -> None:
-    assert result.returncode == 2, result.stderr
-    assert key in result.stderr and f"`{suggestion}`" in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr
-
-
-def _subset(expected, loaded) -> None:
-    """Every value the YAML sets is in the loaded config, unchanged."""
-    if isinstance(expected, dict):
-        for key, value in expected.items():
-            _subset(value, loaded[key])
-    elif isinstance(expected, list):
-        assert len(expected) == len(loaded)
-        for a, b in zip(expected, loaded):
-            _subset(a, b)
-    else:
-        assert expected == loaded
-
-
 # ------------------------------------------------------------------ the schema
+
 
 def test_demo_config_loads_unchanged_with_every_default_filled():
     cfg = load_config(DEMO, [], schema=DataConfig)
-    _subset(OmegaConf.to_container(OmegaConf.load(DEMO), resolve=True), OmegaConf.to_container(cfg, resolve=True))
+    assert_subset(OmegaConf.to_container(OmegaConf.load(DEMO), resolve=True), OmegaConf.to_container(cfg, resolve=True))
     assert cfg.bundle.out_dir == "runs/demo/bundle" and cfg.slides[0].meta.patient == "P01"
     assert cfg.register.n_regions == 4 and cfg.register.min_points_per_region == 4  # a default filled in
     assert cfg.crop.size_px == 224 and cfg.qc.tissue_thumbnail_px == 2048
@@ -59,23 +36,29 @@ def test_demo_config_loads_unchanged_with_every_default_filled():
     assert apply_schema(DataConfig, cfg) == cfg
 
 
-@pytest.mark.parametrize("override, key, suggestion", [
-    ("crop.sise=64", "crop.sise", "crop.size_px"),
-    ("register.n_regoins=3", "register.n_regoins", "register.n_regions"),
-    ("bundle.n_keypionts=3", "bundle.n_keypionts", "bundle.n_keypoints"),
-    ("slides=[{id: s1, bundel: somewhere}]", "slides[0].bundel", "slides[0].bundle"),
-])
+@pytest.mark.parametrize(
+    "override, key, suggestion",
+    [
+        ("crop.sise=64", "crop.sise", "crop.size_px"),
+        ("register.n_regoins=3", "register.n_regoins", "register.n_regions"),
+        ("bundle.n_keypionts=3", "bundle.n_keypionts", "bundle.n_keypoints"),
+        ("slides=[{id: s1, bundel: somewhere}]", "slides[0].bundel", "slides[0].bundle"),
+    ],
+)
 def test_misspelled_keys_are_refused_with_the_closest_key(override, key, suggestion):
     with pytest.raises(InputError, match=r"did you mean") as error:
         load_config(DEMO, [override], schema=DataConfig)
     assert key in str(error.value) and f"`{suggestion}`" in str(error.value)
 
 
-@pytest.mark.parametrize("override, key, type_name", [
-    ("qc.min_genes=ten", "qc.min_genes", "int"),
-    ("register.blend=maybe", "register.blend", "bool"),
-    ("neighbours.radius_um=far", "neighbours.radius_um", "float"),
-])
+@pytest.mark.parametrize(
+    "override, key, type_name",
+    [
+        ("qc.min_genes=ten", "qc.min_genes", "int"),
+        ("register.blend=maybe", "register.blend", "bool"),
+        ("neighbours.radius_um=far", "neighbours.radius_um", "float"),
+    ],
+)
 def test_wrong_types_are_refused_naming_the_key_and_type(override, key, type_name):
     with pytest.raises(InputError) as error:
         load_config(DEMO, [override], schema=DataConfig)
@@ -97,8 +80,13 @@ def test_bundle_defaults_are_make_bundle_defaults():
 def test_register_section_defaults_to_each_slides_he_slide():
     cfg = apply_schema(DataConfig, {"slides": [{"id": "a", "bundle": "b", "he_slide": "he/other.ome.tif"}]})
     assert slide_register_config(cfg.register, cfg.slides[0])["he_slide"] == "he/other.ome.tif"
-    cfg = apply_schema(DataConfig, {"slides": [{"id": "a", "bundle": "b", "he_slide": "he/other.ome.tif"}],
-                                    "register": {"he_slide": "he/mine.ome.tif"}})
+    cfg = apply_schema(
+        DataConfig,
+        {
+            "slides": [{"id": "a", "bundle": "b", "he_slide": "he/other.ome.tif"}],
+            "register": {"he_slide": "he/mine.ome.tif"},
+        },
+    )
     assert slide_register_config(cfg.register, cfg.slides[0])["he_slide"] == "he/mine.ome.tif"
     settings = apply_schema(RegisterConfig, slide_register_config(cfg.register, cfg.slides[0]))
     assert settings.he_slide == "he/mine.ome.tif" and settings.max_rms_um == 10.0
@@ -122,12 +110,13 @@ def test_run_functions_check_what_they_are_given(tmp_path):
 
 # ------------------------------------------------------------------ the entry points
 
+
 def test_make_bundle_refuses_a_misspelled_key(tmp_path):
     out = tmp_path / "bundle"
-    result = _run("make_bundle.py", "--config", str(DEMO), f"bundle.out_dir={out}", "crop.sise=64")
-    _assert_refused(result, "crop.sise", "crop.size_px")
-    result = _run("make_bundle.py", "--config", str(DEMO), f"bundle.out_dir={out}", "bundle.n_keypionts=3")
-    _assert_refused(result, "bundle.n_keypionts", "bundle.n_keypoints")
+    result = run_launch("make_bundle.py", "--config", str(DEMO), f"bundle.out_dir={out}", "crop.sise=64")
+    assert_refused(result, "crop.sise", "crop.size_px")
+    result = run_launch("make_bundle.py", "--config", str(DEMO), f"bundle.out_dir={out}", "bundle.n_keypionts=3")
+    assert_refused(result, "bundle.n_keypionts", "bundle.n_keypoints")
     assert not out.exists()
 
 
@@ -135,15 +124,20 @@ def test_make_bundle_refuses_a_misspelled_key(tmp_path):
 def test_make_shards_refuses_a_misspelled_key(command, tmp_path):
     out = tmp_path / "shards"
     args = ([] if command == "build" else [command]) + ["--config", str(DEMO), f"out_dir={out}", "crop.sise=64"]
-    _assert_refused(_run("make_shards.py", *args), "crop.sise", "crop.size_px")
+    assert_refused(run_launch("make_shards.py", *args), "crop.sise", "crop.size_px")
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
 def test_make_shards_refuses_a_misspelled_key_in_a_slide_entry(tmp_path):
     out = tmp_path / "shards"
     config = tmp_path / "data.yaml"
-    config.write_text(f"out_dir: {out}\nslides:\n  - id: s1\n    bundle: {tmp_path / 'bundle'}\n"
-                      "    meta: {patient: P1}\n  - id: s2\n    bundle: elsewhere\n    registraton: r.json\n")
-    _assert_refused(_run("make_shards.py", "register", "--config", str(config)), "slides[1].registraton",
-                    "slides[1].registration")
+    config.write_text(
+        f"out_dir: {out}\nslides:\n  - id: s1\n    bundle: {tmp_path / 'bundle'}\n"
+        "    meta: {patient: P1}\n  - id: s2\n    bundle: elsewhere\n    registraton: r.json\n"
+    )
+    assert_refused(
+        run_launch("make_shards.py", "register", "--config", str(config)),
+        "slides[1].registraton",
+        "slides[1].registration",
+    )
     assert not out.exists()

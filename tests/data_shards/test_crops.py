@@ -4,6 +4,7 @@ once, out-of-bounds and unreadable-tile handling, JPEG helpers.
 Slides are small pyramidal tiled OME-TIFFs written here with tifffile: zlib tiles where pixels
 must be exact, JPEG tiles where the test is about geometry on realistic data.
 """
+
 from __future__ import annotations
 
 import io

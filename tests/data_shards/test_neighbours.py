@@ -1,4 +1,5 @@
 """Spatial neighbours: KD-tree answers against brute force, conventions, sample arrays."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """End-to-end make_shards on a small procedural bundle: shards, manifest, crops, resume, failures."""
+
 from __future__ import annotations
 
 import tarfile
@@ -55,7 +56,10 @@ def test_manifest_lists_every_sample_and_reads_back(built):
     shard_dir, manifest = built
     loaded = load_manifest(shard_dir)
     assert loaded["n_samples"] == sum(s["n_samples"] for s in loaded["shards"]) == manifest["n_samples"]
-    assert manifest["n_samples"] == manifest["slides"]["s1"]["qc"]["n_kept"] - manifest["slides"]["s1"]["crops"]["n_skipped"]
+    assert (
+        manifest["n_samples"]
+        == manifest["slides"]["s1"]["qc"]["n_kept"] - manifest["slides"]["s1"]["crops"]["n_skipped"]
+    )
     assert manifest["vocabulary"]["sha256"] == Vocabulary.from_file(shard_dir / "vocab.tsv").sha256()
     samples = _samples(shard_dir, manifest)
     assert len(samples) == manifest["n_samples"]
@@ -112,8 +116,11 @@ def test_crops_are_centred_on_the_planted_cells(built, bundle):
             crop = sample["jpg"].astype(float)  # decoded JPEG, (224, 224, 3)
             cx, cy = int(round(true_x)), int(round(true_y))
             window = slide.read_region(cx - 112 - 3, cy - 112 - 3, 224 + 6, 224 + 6).astype(float)
-            scores = {(dx, dy): np.abs(window[3 + dy : 3 + dy + 224, 3 + dx : 3 + dx + 224] - crop).mean()
-                      for dx in range(-3, 4) for dy in range(-3, 4)}
+            scores = {
+                (dx, dy): np.abs(window[3 + dy : 3 + dy + 224, 3 + dx : 3 + dx + 224] - crop).mean()
+                for dx in range(-3, 4)
+                for dy in range(-3, 4)
+            }
             dx, dy = min(scores, key=scores.get)
             assert max(abs(dx), abs(dy)) <= 2, (meta["cell_id"], dx, dy)
     assert np.max(errors) < 2.0, f"registered centres off by up to {np.max(errors):.2f} px"

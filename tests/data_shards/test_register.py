@@ -1,4 +1,5 @@
 """Registration Xenium µm -> H&E level-0 px: planted maps built here with numpy, recovered by the fit."""
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,9 @@ def rotation(theta: float) -> np.ndarray:
     return np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
 
 
-def planted_similarity(theta: float = 0.35, px_per_um: float = 1 / HE_UM_PER_PX,
-                       shift_px: tuple[float, float] = (850.0, -120.0)) -> np.ndarray:
+def planted_similarity(
+    theta: float = 0.35, px_per_um: float = 1 / HE_UM_PER_PX, shift_px: tuple[float, float] = (850.0, -120.0)
+) -> np.ndarray:
     """(3, 3) µm -> px."""
     matrix = np.eye(3)
     matrix[:2, :2] = px_per_um * rotation(theta)
@@ -80,6 +82,7 @@ def skimage_estimate(cls, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 
 
 # ---- the fit -----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("mirrored", [False, True])
 @pytest.mark.parametrize("scale", [True, False])
@@ -158,6 +161,7 @@ def test_inverse_map_round_trip(blend: bool) -> None:
 
 # ---- quality ------------------------------------------------------------------------------------
 
+
 def test_residuals_and_leave_one_out_match_a_direct_computation() -> None:
     fixed, moving = keypoints(12, noise_px=2.0, seed=9)
     registration = Registration.global_fit(fixed, moving)
@@ -185,6 +189,7 @@ def test_check_refuses_inaccurate_keypoints_naming_file_and_region() -> None:
 
 # ---- Xenium Explorer files ----------------------------------------------------------------------
 
+
 def write_keypoints_csv(path, fixed, moving) -> None:
     rows = ["fixedX,fixedY,alignmentX,alignmentY"] + [f"{a},{b},{c},{d}" for (a, b), (c, d) in zip(fixed, moving)]
     path.write_text("\n".join(rows) + "\n")
@@ -199,11 +204,13 @@ def test_read_explorer_keypoints(tmp_path) -> None:
     np.testing.assert_allclose(got_moving, moving)
 
 
-HAND_MADE_ALIGNMENT = np.array([  # H&E px -> morphology px: rotation by 0.2 rad, ×2.4, shift
-    [2.4 * np.cos(0.2), -2.4 * np.sin(0.2), 310.5],
-    [2.4 * np.sin(0.2), 2.4 * np.cos(0.2), -42.25],
-    [0.0, 0.0, 1.0],
-])
+HAND_MADE_ALIGNMENT = np.array(
+    [  # H&E px -> morphology px: rotation by 0.2 rad, ×2.4, shift
+        [2.4 * np.cos(0.2), -2.4 * np.sin(0.2), 310.5],
+        [2.4 * np.sin(0.2), 2.4 * np.cos(0.2), -42.25],
+        [0.0, 0.0, 1.0],
+    ]
+)
 
 
 @pytest.mark.parametrize("header", [False, True])
@@ -229,7 +236,10 @@ BAD_KEYPOINT_FILES = {
     "collinear points": ("fixedX,fixedY,alignmentX,alignmentY\n0,0,0,0\n1,1,2,2\n2,2,4,4\n3,3,6,6\n", "collinear"),
     "NaN": ("fixedX,fixedY,alignmentX,alignmentY\n0,0,0,0\n1,,2,2\n5,1,4,9\n3,7,6,6\n", r"\[fixedY\].*NaN"),
     "text": ("fixedX,fixedY,alignmentX,alignmentY\n0,0,0,0\n1,x,2,2\n5,1,4,9\n3,7,6,6\n", r"\[fixedY\].*non-numeric"),
-    "wrong columns": ("x,y,alignmentX,alignmentY\n0,0,0,0\n1,3,2,2\n5,1,4,9\n", r"missing fixedX,fixedY; found x,y,alignmentX"),
+    "wrong columns": (
+        "x,y,alignmentX,alignmentY\n0,0,0,0\n1,3,2,2\n5,1,4,9\n",
+        r"missing fixedX,fixedY; found x,y,alignmentX",
+    ),
     "empty": ("", "columns fixedX"),
 }
 
@@ -276,8 +286,10 @@ def test_bad_alignment_files(tmp_path, case: str) -> None:
 
 # ---- saving, overlay, bundle step ----------------------------------------------------------------
 
-@pytest.mark.parametrize("options", [{}, {"regions": 5}, {"regions": 5, "blend": True},
-                                     {"scale": False, "he_um_per_px": HE_UM_PER_PX}])
+
+@pytest.mark.parametrize(
+    "options", [{}, {"regions": 5}, {"regions": 5, "blend": True}, {"scale": False, "he_um_per_px": HE_UM_PER_PX}]
+)
 def test_json_round_trip_maps_identically(tmp_path, options: dict) -> None:
     fixed, moving = keypoints(60, noise_px=1.0, seed=14, deformed=True)
     registration = Registration.from_keypoints(fixed, moving, **options)
@@ -293,8 +305,13 @@ def write_slide(path, height_px: int = 1400, width_px: int = 1500) -> None:
     image = np.full((height_px, width_px, 3), (235, 180, 210), dtype=np.uint8)
     image[rng.random((height_px, width_px)) < 0.02] = (90, 40, 140)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tifffile.imwrite(path, image, photometric="rgb", tile=(256, 256),
-                     metadata={"axes": "YXS", "PhysicalSizeX": HE_UM_PER_PX, "PhysicalSizeY": HE_UM_PER_PX})
+    tifffile.imwrite(
+        path,
+        image,
+        photometric="rgb",
+        tile=(256, 256),
+        metadata={"axes": "YXS", "PhysicalSizeX": HE_UM_PER_PX, "PhysicalSizeY": HE_UM_PER_PX},
+    )
 
 
 def small_bundle_map(xy_um: np.ndarray) -> np.ndarray:
@@ -309,10 +326,16 @@ def make_bundle(root, noise_px: float = 1.0):
     rng = np.random.default_rng(17)
     write_slide(root / "he" / "post_xenium_he.ome.tif")
     fixed = rng.uniform(20, 580, size=(24, 2))
-    write_keypoints_csv(root / "he" / "keypoints.csv", fixed, small_bundle_map(fixed) + rng.normal(0, noise_px, (24, 2)))
+    write_keypoints_csv(
+        root / "he" / "keypoints.csv", fixed, small_bundle_map(fixed) + rng.normal(0, noise_px, (24, 2))
+    )
     cells = rng.uniform(0, 600, size=(3000, 2))
-    pq.write_table(pa.table({"cell_id": [f"cell{i}-1" for i in range(3000)],
-                             "x_centroid": cells[:, 0], "y_centroid": cells[:, 1]}), root / "cells.parquet")
+    pq.write_table(
+        pa.table(
+            {"cell_id": [f"cell{i}-1" for i in range(3000)], "x_centroid": cells[:, 0], "y_centroid": cells[:, 1]}
+        ),
+        root / "cells.parquet",
+    )
 
 
 def test_overlay_is_a_png(tmp_path) -> None:
@@ -375,7 +398,8 @@ def test_register_bundle_from_alignment(tmp_path) -> None:
     um_to_px[:2, 2] = (200.0, 80.0)
     he_px_to_morph_px = np.diag([1 / 0.2125, 1 / 0.2125, 1.0]) @ np.linalg.inv(um_to_px)
     (bundle / "he" / "he_imagealignment.csv").write_text(
-        "\n".join(",".join(f"{v:.17g}" for v in row) for row in he_px_to_morph_px) + "\n")
+        "\n".join(",".join(f"{v:.17g}" for v in row) for row in he_px_to_morph_px) + "\n"
+    )
     report = register_bundle(bundle, tmp_path / "out", {"alignment": "he/he_imagealignment.csv"})
     assert report["overall"]["n_keypoints"] == 24 and report["overall"]["rms_um"] < 1e-6
     assert report["overall"]["loo_rms_um"] is None  # nothing was fitted

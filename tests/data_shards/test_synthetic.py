@@ -1,4 +1,5 @@
 """Synthetic bundles: real-format files, a recoverable planted map, and image-tied biology."""
+
 from __future__ import annotations
 
 import json
@@ -17,13 +18,35 @@ from data_shards.slide import Slide
 from data_shards.synthetic import DEFAULT_SLIDE, make_bundle, planted_map
 
 CELLS_COLUMNS = [
-    "cell_id", "x_centroid", "y_centroid", "transcript_counts", "control_probe_counts", "genomic_control_counts",
-    "control_codeword_counts", "unassigned_codeword_counts", "deprecated_codeword_counts", "total_counts",
-    "cell_area", "nucleus_area", "nucleus_count", "segmentation_method",
+    "cell_id",
+    "x_centroid",
+    "y_centroid",
+    "transcript_counts",
+    "control_probe_counts",
+    "genomic_control_counts",
+    "control_codeword_counts",
+    "unassigned_codeword_counts",
+    "deprecated_codeword_counts",
+    "total_counts",
+    "cell_area",
+    "nucleus_area",
+    "nucleus_count",
+    "segmentation_method",
 ]
 TRANSCRIPT_COLUMNS = [
-    "transcript_id", "cell_id", "overlaps_nucleus", "feature_name", "x_location", "y_location", "z_location", "qv",
-    "fov_name", "nucleus_distance", "codeword_index", "codeword_category", "is_gene",
+    "transcript_id",
+    "cell_id",
+    "overlaps_nucleus",
+    "feature_name",
+    "x_location",
+    "y_location",
+    "z_location",
+    "qv",
+    "fov_name",
+    "nucleus_distance",
+    "codeword_index",
+    "codeword_category",
+    "is_gene",
 ]
 
 
@@ -39,8 +62,9 @@ def real_bundle(tmp_path_factory) -> tuple[Path, dict]:
 def rigid_bundle(tmp_path_factory) -> tuple[Path, dict]:
     """Procedural, no deformation: the keypoints follow a pure similarity."""
     out = tmp_path_factory.mktemp("procedural") / "bundle"
-    return out, make_bundle(out, "procedural", n_cells=3000, seed=5, he_um_per_px=0.2738, deformation_um=0.0,
-                            n_keypoints=50)
+    return out, make_bundle(
+        out, "procedural", n_cells=3000, seed=5, he_um_per_px=0.2738, deformation_um=0.0, n_keypoints=50
+    )
 
 
 def read_matrix(path: Path) -> tuple[sp.csc_matrix, np.ndarray, pd.DataFrame]:
@@ -87,7 +111,11 @@ def test_bundle_has_every_file_with_the_agreed_columns(which, request):
     counts, barcodes, features = read_matrix(bundle / "cell_feature_matrix.h5")
     assert counts.shape == (len(features), len(cells)) and list(barcodes) == list(cells.cell_id)
     assert set(features.feature_type) == {
-        "Gene Expression", "Negative Control Probe", "Negative Control Codeword", "Unassigned Codeword"}
+        "Gene Expression",
+        "Negative Control Probe",
+        "Negative Control Codeword",
+        "Unassigned Codeword",
+    }
     genes = features[features.feature_type == "Gene Expression"]
     assert genes.name.tolist() == truth["gene_panel"] and genes.id.tolist() == truth["gene_ids"]
     assert {"KRT5", "KRT14", "COL1A1", "PTPRC", "PECAM1"} <= set(genes.name)
@@ -100,7 +128,9 @@ def test_bundle_has_every_file_with_the_agreed_columns(which, request):
         assert {"cell_id", "vertex_x", "vertex_y", "label_id"} <= set(boundaries.columns)
         first = boundaries.groupby("cell_id", sort=False).nth(0)
         last = boundaries.groupby("cell_id", sort=False).nth(-1)
-        np.testing.assert_array_equal(first[["vertex_x", "vertex_y"]].to_numpy(), last[["vertex_x", "vertex_y"]].to_numpy())
+        np.testing.assert_array_equal(
+            first[["vertex_x", "vertex_y"]].to_numpy(), last[["vertex_x", "vertex_y"]].to_numpy()
+        )
         assert boundaries.groupby("cell_id").size().min() >= min_vertices
         assert set(boundaries.cell_id) == set(cells.cell_id)
 
@@ -113,8 +143,20 @@ def test_bundle_has_every_file_with_the_agreed_columns(which, request):
     np.testing.assert_allclose(truth_cells[["x_um", "y_um"]], cells[["x_centroid", "y_centroid"]])
 
     saved = json.loads((bundle / "ground_truth.json").read_text())
-    for key in ("rotation_deg", "scale", "translation", "xenium_um_to_he_px", "deformation", "he_um_per_px",
-                "n_cells", "cell_types", "cell_type_counts", "gene_panel", "seed", "mode"):
+    for key in (
+        "rotation_deg",
+        "scale",
+        "translation",
+        "xenium_um_to_he_px",
+        "deformation",
+        "he_um_per_px",
+        "n_cells",
+        "cell_types",
+        "cell_type_counts",
+        "gene_panel",
+        "seed",
+        "mode",
+    ):
         assert key in saved
     assert 3.0 <= abs(saved["rotation_deg"]) <= 20.0
     assert saved["scale"] == pytest.approx(1.0 / saved["he_um_per_px"])
@@ -159,7 +201,9 @@ def test_planted_map_round_trip_and_truth_positions(which, request):
     assert np.abs(mapping.inverse(he_px) - xy_um).max() < 1e-3
     truth_cells = pq.read_table(bundle / "ground_truth_cells.parquet").to_pandas()
     mapped = mapping(truth_cells[["x_um", "y_um"]].to_numpy())
-    np.testing.assert_allclose(mapped, truth_cells[["he_x_px", "he_y_px"]].to_numpy(), atol=1e-3 / truth["he_um_per_px"])
+    np.testing.assert_allclose(
+        mapped, truth_cells[["he_x_px", "he_y_px"]].to_numpy(), atol=1e-3 / truth["he_um_per_px"]
+    )
     # Every cell lies on the slide.
     h, w = truth["he_shape_px"]
     assert (mapped >= 0).all() and (mapped[:, 0] < w).all() and (mapped[:, 1] < h).all()
@@ -191,7 +235,9 @@ def test_keypoints_fit_the_planted_similarity(rigid_bundle):
     assert np.linalg.norm(fitted[:2, 0]) == pytest.approx(truth["scale"], rel=0.005)
     # Over the tissue the fitted and planted maps agree to about a pixel (noise σ = 0.3 µm).
     probe = fixed
-    gap_px = np.linalg.norm((probe @ fitted[:2, :2].T + fitted[:2, 2]) - (probe @ planted[:2, :2].T + planted[:2, 2]), axis=1)
+    gap_px = np.linalg.norm(
+        (probe @ fitted[:2, :2].T + fitted[:2, 2]) - (probe @ planted[:2, :2].T + planted[:2, 2]), axis=1
+    )
     assert gap_px.max() < 0.5 / truth["he_um_per_px"]
     # The points are spread over the tissue, not bunched.
     span = fixed.max(axis=0) - fixed.min(axis=0)
@@ -228,8 +274,9 @@ def test_explorer_alignment_maps_he_pixels_to_morphology_pixels(which, request):
 def test_matrix_equals_transcripts_with_qv_20_assigned_to_cells(which, request):
     bundle, _ = request.getfixturevalue(which)
     counts, barcodes, features = read_matrix(bundle / "cell_feature_matrix.h5")
-    tx = pq.read_table(bundle / "transcripts.parquet",
-                       columns=["cell_id", "feature_name", "qv", "codeword_category", "is_gene"]).to_pandas()
+    tx = pq.read_table(
+        bundle / "transcripts.parquet", columns=["cell_id", "feature_name", "qv", "codeword_category", "is_gene"]
+    ).to_pandas()
     assert (tx.qv < 20).mean() > 0.01 and (tx.cell_id == "UNASSIGNED").mean() > 0.01
     assert set(tx.codeword_category) >= {"predesigned_gene", "negative_control_probe", "negative_control_codeword"}
     kept = tx[(tx.qv >= 20) & (tx.cell_id != "UNASSIGNED")]
@@ -272,8 +319,9 @@ def test_same_seed_same_bundle_other_seed_other_bundle(tmp_path):
     with h5py.File(a / "cell_feature_matrix.h5") as ha, h5py.File(b / "cell_feature_matrix.h5") as hb:
         for key in ("data", "indices", "indptr", "barcodes"):
             np.testing.assert_array_equal(ha["matrix"][key][:], hb["matrix"][key][:])
-    np.testing.assert_array_equal(tifffile.imread(a / "he/post_xenium_he.ome.tif"),
-                                  tifffile.imread(b / "he/post_xenium_he.ome.tif"))
+    np.testing.assert_array_equal(
+        tifffile.imread(a / "he/post_xenium_he.ome.tif"), tifffile.imread(b / "he/post_xenium_he.ome.tif")
+    )
 
 
 def _hematoxylin_at(slide_path: Path, xy_px: np.ndarray, half: int = 2) -> np.ndarray:
@@ -319,8 +367,13 @@ def test_expression_carries_the_image_signal(real_bundle):
     dense = pd.DataFrame(counts.toarray().T, columns=features.name)
     norm = dense.div(dense.sum(axis=1), axis=0)
     types = truth_cells.cell_type.to_numpy()
-    for cell_type, marker in (("keratinocyte_basal", "KRT14"), ("keratinocyte_suprabasal", "KRT10"),
-                              ("fibroblast", "COL1A1"), ("immune", "PTPRC"), ("endothelial", "PECAM1")):
+    for cell_type, marker in (
+        ("keratinocyte_basal", "KRT14"),
+        ("keratinocyte_suprabasal", "KRT10"),
+        ("fibroblast", "COL1A1"),
+        ("immune", "PTPRC"),
+        ("endothelial", "PECAM1"),
+    ):
         inside = norm.loc[types == cell_type, marker].mean()
         outside = norm.loc[types != cell_type, marker].mean()
         assert inside > 4 * outside, (cell_type, marker)

@@ -1,4 +1,5 @@
 """Rank tokenization: slow reference from the formula, Nicheformer files, properties, vocabulary I/O."""
+
 from __future__ import annotations
 
 import logging
@@ -143,8 +144,14 @@ def test_xoa1_fixture_genes_match_nicheformer_vocabulary_by_id(nicheformer_vocab
         symbols = [x.decode() for x in matrix["features/name"][:]]
         n_genes, n_cells = (int(v) for v in matrix["shape"][:])
         # 10x stores genes × cells CSC, i.e. cells × genes CSR; this file has float64 indices.
-        counts = sp.csr_matrix((matrix["data"][:].astype(np.int64), matrix["indices"][:].astype(np.int64),
-                                matrix["indptr"][:].astype(np.int64)), shape=(n_cells, n_genes))
+        counts = sp.csr_matrix(
+            (
+                matrix["data"][:].astype(np.int64),
+                matrix["indices"][:].astype(np.int64),
+                matrix["indptr"][:].astype(np.int64),
+            ),
+            shape=(n_cells, n_genes),
+        )
     positions = [nicheformer_ids.index(gene_id) for gene_id in ids]
     assert [nicheformer_vocab.token_id(gene_id) for gene_id in ids] == [30 + p for p in positions]
     # The vocabulary has no symbols, so only the Ensembl ids make these genes match.
@@ -176,7 +183,9 @@ def test_ties_go_to_lower_token_id():
 def test_context_tokens_and_aliases():
     vocab = Vocabulary.from_genes(["G0"])
     adata = make_adata([[1]], ["G0"])
-    tokens = rank_tokens(adata, vocab, context_length=4, assay="MERFISH", modality="dissociated", organism="Mus musculus")
+    tokens = rank_tokens(
+        adata, vocab, context_length=4, assay="MERFISH", modality="dissociated", organism="Mus musculus"
+    )
     assert tokens[0].tolist() == [7, 3, 6, 30]
     assert rank_tokens(adata, vocab, context_length=3).tolist() == [XENIUM_SPATIAL_HUMAN]
     with pytest.raises(InputError, match="assay"):
@@ -225,9 +234,16 @@ def tokenization_cases(draw):
     positions = draw(st.permutations(range(vocab_size)))[:n_var]
     outside = draw(st.lists(st.booleans(), min_size=n_var, max_size=n_var))
     outside[draw(st.integers(0, n_var - 1))] = False
-    counts = draw(st.lists(st.lists(st.integers(0, 40), min_size=n_var, max_size=n_var), min_size=n_cells, max_size=n_cells))
-    means = draw(st.lists(st.sampled_from([math.nan, 0.0, 1.0, 2.0, 3.0, 0.5, 7.25, 48.2, 133.0]),
-                          min_size=vocab_size, max_size=vocab_size))
+    counts = draw(
+        st.lists(st.lists(st.integers(0, 40), min_size=n_var, max_size=n_var), min_size=n_cells, max_size=n_cells)
+    )
+    means = draw(
+        st.lists(
+            st.sampled_from([math.nan, 0.0, 1.0, 2.0, 3.0, 0.5, 7.25, 48.2, 133.0]),
+            min_size=vocab_size,
+            max_size=vocab_size,
+        )
+    )
     context_length = draw(st.integers(3, 12))
     return counts, [-1 if o else p for p, o in zip(positions, outside)], vocab_size, np.array(means), context_length
 
@@ -242,7 +258,9 @@ def test_properties_against_reference(case):
 
     tokens, report = rank_tokens_with_report(adata, vocab, means, context_length=context_length)
     np.testing.assert_array_equal(tokens, reference_tokens(counts, var_position, means, context_length))
-    np.testing.assert_array_equal(tokens, rank_tokens(adata, vocab, means, context_length=context_length))  # deterministic
+    np.testing.assert_array_equal(
+        tokens, rank_tokens(adata, vocab, means, context_length=context_length)
+    )  # deterministic
     assert report.unmatched_genes == [s for s, p in zip(symbols, var_position) if p < 0]
 
     divisor = np.where(np.isfinite(means) & (means > 0), means, 1.0)
@@ -262,8 +280,9 @@ def test_properties_against_reference(case):
 # ---------------------------------------------------------------------------- gene matching and reporting
 def test_match_by_id_then_symbol_and_report_unmatched(caplog):
     vocab = Vocabulary.from_genes(["ENSG00000000001", "ENSG00000000002", "ENSG00000000003"], ["AAA", "BBB", "CCC"])
-    adata = make_adata([[1, 2, 3, 4, 5]], ["XXX", "BBB", "ccc", "NOPE", "ZZZ"],
-                       ["ENSG00000000001.7", "", "", None, "ENSG99999999999"])
+    adata = make_adata(
+        [[1, 2, 3, 4, 5]], ["XXX", "BBB", "ccc", "NOPE", "ZZZ"], ["ENSG00000000001.7", "", "", None, "ENSG99999999999"]
+    )
     with caplog.at_level(logging.WARNING, logger="data_shards.tokenize"):
         tokens, report = rank_tokens_with_report(adata, vocab, context_length=6)
     assert report.n_matched_by_id == 1 and report.n_matched_by_symbol == 1
@@ -315,8 +334,10 @@ def test_vocabulary_file_formats_and_round_trip(tmp_path):
     assert not list(saved.parent.glob(".*partial"))
 
     h5ad = tmp_path / "model.h5ad"
-    ad.AnnData(X=np.zeros((1, 2)), var=pd.DataFrame({"gene_symbol": ["ACTA2", "KRT5"]},
-                                                    index=["ENSG00000107796", "ENSG00000186081"])).write_h5ad(h5ad)
+    ad.AnnData(
+        X=np.zeros((1, 2)),
+        var=pd.DataFrame({"gene_symbol": ["ACTA2", "KRT5"]}, index=["ENSG00000107796", "ENSG00000186081"]),
+    ).write_h5ad(h5ad)
     from_h5ad = Vocabulary.from_file(h5ad)
     assert from_h5ad.sha256() == again.sha256() and from_h5ad.token_id("KRT5") == 31
 

@@ -1,4 +1,5 @@
 """Shard writer: balanced shard plans, group adjacency, byte-exact tar members and .npy files."""
+
 from __future__ import annotations
 
 import io
@@ -12,7 +13,9 @@ from data_shards.sample import encode_sample, npy_bytes
 from data_shards.writer import ShuffledShardWriter, plan_shards
 
 
-@pytest.mark.parametrize("shape,dtype", [((300,), np.int32), ((0, 300), np.int32), ((5, 2), np.float32), ((3, 4, 2), np.int64)])
+@pytest.mark.parametrize(
+    "shape,dtype", [((300,), np.int32), ((0, 300), np.int32), ((5, 2), np.float32), ((3, 4, 2), np.int64)]
+)
 def test_npy_bytes_equal_numpy_save(shape, dtype):
     array = np.arange(int(np.prod(shape)), dtype=dtype).reshape(shape)
     buffer = io.BytesIO()
@@ -75,7 +78,9 @@ def test_keys_with_dots_are_refused():
         encode_sample("a.b", b"", np.zeros(1), np.zeros((0, 1)), np.zeros((0, 2)), {})
 
 
-@pytest.mark.parametrize("name,size", [("s_00000001.jpg", 0), ("slide-A_00123456.nbr_offsets.npy", 12345), ("x.json", 8**11 - 1)])
+@pytest.mark.parametrize(
+    "name,size", [("s_00000001.jpg", 0), ("slide-A_00123456.nbr_offsets.npy", 12345), ("x.json", 8**11 - 1)]
+)
 def test_member_header_is_byte_identical_to_tarfile_ustar(name, size):
     from data_shards.writer import TarSampleWriter
 

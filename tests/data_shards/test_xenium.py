@@ -3,6 +3,7 @@
 Expected values are always recomputed here from the raw files (h5py arrays, pandas groupby on
 transcripts, or counts planted by the synthetic builder), never copied from the reader.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,7 +53,9 @@ def _dense_from_raw_h5(path: Path) -> tuple[np.ndarray, list[str], pd.DataFrame]
         data, indices, indptr = m["data"][()], m["indices"][()], m["indptr"][()]
         n_features, n_barcodes = (int(v) for v in m["shape"][()])
         barcodes = [b.decode() for b in m["barcodes"][()]]
-        features = pd.DataFrame({k: [v.decode() for v in m[f"features/{k}"][()]] for k in ("id", "name", "feature_type")})
+        features = pd.DataFrame(
+            {k: [v.decode() for v in m[f"features/{k}"][()]] for k in ("id", "name", "feature_type")}
+        )
     dense = np.zeros((n_barcodes, n_features))
     for column in range(n_barcodes):
         for k in range(int(indptr[column]), int(indptr[column + 1])):
@@ -140,7 +143,9 @@ def test_xoa3_transcripts_mode_equals_pandas_groupby(xoa3, min_qv):
 
     assert list(adata.obs_names) == list(cells["cell_id"])
     assert set(adata.var_names) == set(tx.loc[tx["is_gene"], "feature_name"])
-    assert not any(name.startswith(("NegControl", "Unassigned", "Deprecated", "Intergenic")) for name in adata.var_names)
+    assert not any(
+        name.startswith(("NegControl", "Unassigned", "Deprecated", "Intergenic")) for name in adata.var_names
+    )
     assert np.issubdtype(adata.X.dtype, np.integer) and adata.X.format == "csr"
     assert adata.X.nnz == len(expected) > 0
     rows = adata.obs_names.get_indexer(expected.index.get_level_values(0))
@@ -178,7 +183,9 @@ def test_boundaries_as_str_ids_in_um(xoa1):
     assert list(table["cell_id"]) == [str(i) for i in raw["cell_id"]]
     np.testing.assert_array_equal(table[["vertex_x", "vertex_y"]].to_numpy(), raw[["vertex_x", "vertex_y"]].to_numpy())
     for _, polygon in table.groupby("cell_id"):
-        np.testing.assert_array_equal(polygon.iloc[0][["vertex_x", "vertex_y"]], polygon.iloc[-1][["vertex_x", "vertex_y"]])
+        np.testing.assert_array_equal(
+            polygon.iloc[0][["vertex_x", "vertex_y"]], polygon.iloc[-1][["vertex_x", "vertex_y"]]
+        )
     adata = read_xenium(xoa1, boundaries="cell")
     assert set(adata.uns["cell_boundaries"]["cell_id"]) == set(adata.obs_names)
     assert "nucleus_boundaries" not in adata.uns
@@ -227,12 +234,16 @@ def _make_bundle(root: Path, style: str, seed: int = 0) -> dict:
     counts[0, ~IS_GENE] = 1 + np.arange((~IS_GENE).sum())  # every control type present
     root.mkdir(parents=True)
     (root / "experiment.xenium").write_text(json.dumps({"major_version": 5, "pixel_size": 0.2125}))
-    cells = pd.DataFrame({
-        "cell_id": ids,
-        "x_centroid": rng.uniform(0, 500, n_cells), "y_centroid": rng.uniform(0, 500, n_cells),
-        "transcript_counts": counts[:, IS_GENE].sum(1), "cell_area": rng.uniform(50, 150, n_cells),
-        "nucleus_area": rng.uniform(10, 40, n_cells),
-    })
+    cells = pd.DataFrame(
+        {
+            "cell_id": ids,
+            "x_centroid": rng.uniform(0, 500, n_cells),
+            "y_centroid": rng.uniform(0, 500, n_cells),
+            "transcript_counts": counts[:, IS_GENE].sum(1),
+            "cell_area": rng.uniform(50, 150, n_cells),
+            "nucleus_area": rng.uniform(10, 40, n_cells),
+        }
+    )
     if style == "v3":
         # XOA's own column of the same name must win over the reader's recount.
         cells["unassigned_codeword_counts"] = 1000 + np.arange(n_cells)
@@ -255,7 +266,8 @@ def _make_bundle(root: Path, style: str, seed: int = 0) -> dict:
     columns = {
         "cell_id": pa.array(cell_col, type=pa.large_string() if style == "v3" else pa.int32()),
         "feature_name": pa.array([FEATURES[f][1].encode() for f in feature_col], type=pa.binary())
-        if style == "v1" else pa.array([FEATURES[f][1] for f in feature_col], type=pa.large_string()),
+        if style == "v1"
+        else pa.array([FEATURES[f][1] for f in feature_col], type=pa.large_string()),
         "qv": pa.array([rows[i][2] for i in order], type=pa.float32()),
         "x_location": pa.array(rng.uniform(0, 500, len(rows)), type=pa.float32()),
     }
@@ -281,8 +293,11 @@ def test_controls_counted_in_obs_not_in_x(tmp_path, style, matrix, monkeypatch):
     assert list(adata.var_names) == [f[1] for f in FEATURES if f[2] == "Gene Expression"]
     assert list(adata.var["gene_ids"]) == [f[0] for f in FEATURES if f[2] == "Gene Expression"]
     np.testing.assert_array_equal(adata.X.toarray(), counts[:, IS_GENE])
-    for column, feature in (("negative_control_probe_counts", 1), ("negative_control_codeword_counts", 3),
-                            ("blank_codeword_counts", 6)):
+    for column, feature in (
+        ("negative_control_probe_counts", 1),
+        ("negative_control_codeword_counts", 3),
+        ("blank_codeword_counts", 6),
+    ):
         np.testing.assert_array_equal(adata.obs[column].to_numpy(), counts[:, feature])
     expected_unassigned = 1000 + np.arange(5) if style == "v3" else counts[:, 5]
     np.testing.assert_array_equal(adata.obs["unassigned_codeword_counts"].to_numpy(), expected_unassigned)
@@ -292,7 +307,11 @@ def test_gene_panel_json_gives_ids_and_zero_columns(tmp_path):
     bundle = tmp_path / "bundle"
     planted = _make_bundle(bundle, "v1")
     (bundle / "cell_feature_matrix.h5").unlink()
-    targets = [{"type": {"descriptor": "gene", "data": {"id": f[0], "name": f[1]}}} for f in FEATURES if IS_GENE[FEATURES.index(f)]]
+    targets = [
+        {"type": {"descriptor": "gene", "data": {"id": f[0], "name": f[1]}}}
+        for f in FEATURES
+        if IS_GENE[FEATURES.index(f)]
+    ]
     targets.append({"type": {"descriptor": "gene", "data": {"id": "ENSG00000000009", "name": "GENEZ"}}})
     targets.append({"type": {"descriptor": "negative_control_probe", "data": {"name": "NegControlProbe_00001"}}})
     (bundle / "gene_panel.json").write_text(json.dumps({"payload": {"targets": targets}}))
@@ -344,32 +363,75 @@ def _break_x_centroid(frame):
 
 BROKEN = {
     "no experiment": (lambda b: (b / "experiment.xenium").unlink(), "experiment.xenium", {}),
-    "experiment not JSON": (lambda b: (b / "experiment.xenium").write_text("{pixel_size: 0.2"), "experiment.xenium", {}),
+    "experiment not JSON": (
+        lambda b: (b / "experiment.xenium").write_text("{pixel_size: 0.2"),
+        "experiment.xenium",
+        {},
+    ),
     "no pixel_size": (lambda b: (b / "experiment.xenium").write_text('{"run_name": "x"}'), "pixel_size", {}),
     "no cells": (lambda b: [(b / n).unlink() for n in ("cells.parquet", "cells.csv.gz")], "cells.parquet", {}),
-    "cells column missing": (lambda b: _edit_cells(b / "cells.parquet", lambda f: f.pop("nucleus_area")),
-                             "nucleus_area", {}),
+    "cells column missing": (
+        lambda b: _edit_cells(b / "cells.parquet", lambda f: f.pop("nucleus_area")),
+        "nucleus_area",
+        {},
+    ),
     "NaN centroids": (lambda b: _edit_cells(b / "cells.parquet", _break_x_centroid), "2 NaN", {}),
-    "no counts at all": (lambda b: [(b / n).unlink() for n in ("cell_feature_matrix.h5", "transcripts.parquet")],
-                         "cell_feature_matrix.h5", {}),
-    "empty matrix": (lambda b: _rewrite_h5(b / "cell_feature_matrix.h5", shape=np.array([4.0, 0.0]),
-                                           barcodes=np.array([], dtype="S1"), indptr=np.array([0.0]),
-                                           data=np.array([]), indices=np.array([])), "non-empty", {}),
-    "shape vs features": (lambda b: _rewrite_h5(b / "cell_feature_matrix.h5", shape=np.array([5.0, 6.0])),
-                          "matrix/features", {}),
-    "shape vs barcodes": (lambda b: _rewrite_h5(b / "cell_feature_matrix.h5", shape=np.array([4.0, 7.0])),
-                          "matrix/barcodes", {}),
-    "fractional counts": (lambda b: _rewrite_h5(b / "cell_feature_matrix.h5", data=np.full(15, 1.5)),
-                          "matrix/data", {}),
-    "indptr too short": (lambda b: _rewrite_h5(b / "cell_feature_matrix.h5", indptr=np.array([0.0, 3.0, 15.0])),
-                         "matrix/indptr", {}),
-    "no gene features": (lambda b: _rewrite_h5(b / "cell_feature_matrix.h5",
-                                               **{"features/feature_type": np.array([b"Blank Codeword"] * 4)}),
-                         "Gene Expression", {}),
-    "transcripts missing qv": (lambda b: pq.write_table(pq.read_table(b / "transcripts.parquet").drop_columns(["qv"]),
-                                                        b / "transcripts.parquet"),
-                               "qv", {"matrix": "transcripts"}),
-    "no transcripts": (lambda b: (b / "transcripts.parquet").unlink(), "transcripts.parquet", {"matrix": "transcripts"}),
+    "no counts at all": (
+        lambda b: [(b / n).unlink() for n in ("cell_feature_matrix.h5", "transcripts.parquet")],
+        "cell_feature_matrix.h5",
+        {},
+    ),
+    "empty matrix": (
+        lambda b: _rewrite_h5(
+            b / "cell_feature_matrix.h5",
+            shape=np.array([4.0, 0.0]),
+            barcodes=np.array([], dtype="S1"),
+            indptr=np.array([0.0]),
+            data=np.array([]),
+            indices=np.array([]),
+        ),
+        "non-empty",
+        {},
+    ),
+    "shape vs features": (
+        lambda b: _rewrite_h5(b / "cell_feature_matrix.h5", shape=np.array([5.0, 6.0])),
+        "matrix/features",
+        {},
+    ),
+    "shape vs barcodes": (
+        lambda b: _rewrite_h5(b / "cell_feature_matrix.h5", shape=np.array([4.0, 7.0])),
+        "matrix/barcodes",
+        {},
+    ),
+    "fractional counts": (
+        lambda b: _rewrite_h5(b / "cell_feature_matrix.h5", data=np.full(15, 1.5)),
+        "matrix/data",
+        {},
+    ),
+    "indptr too short": (
+        lambda b: _rewrite_h5(b / "cell_feature_matrix.h5", indptr=np.array([0.0, 3.0, 15.0])),
+        "matrix/indptr",
+        {},
+    ),
+    "no gene features": (
+        lambda b: _rewrite_h5(
+            b / "cell_feature_matrix.h5", **{"features/feature_type": np.array([b"Blank Codeword"] * 4)}
+        ),
+        "Gene Expression",
+        {},
+    ),
+    "transcripts missing qv": (
+        lambda b: pq.write_table(
+            pq.read_table(b / "transcripts.parquet").drop_columns(["qv"]), b / "transcripts.parquet"
+        ),
+        "qv",
+        {"matrix": "transcripts"},
+    ),
+    "no transcripts": (
+        lambda b: (b / "transcripts.parquet").unlink(),
+        "transcripts.parquet",
+        {"matrix": "transcripts"},
+    ),
     "unknown matrix": (lambda b: None, "matrix", {"matrix": "mtx"}),
 }
 

@@ -1,4 +1,5 @@
 """Embedding extraction: encoder sources, one file per slide from shards, tissue tiles of a whole slide."""
+
 from __future__ import annotations
 
 import json
@@ -24,10 +25,15 @@ TINY_VIT = {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_h
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("embed")
-    manifest = write_synthetic_cells(root / "data", [
-        {"id": "s1", "n_cells": 130, "meta": {"patient": "P1", "cancer_type": "SKCM"}},
-        {"id": "s2", "n_cells": 70, "meta": {"patient": "P2", "cancer_type": "BRCA"}},
-    ], samples_per_shard=50, seed=1)
+    manifest = write_synthetic_cells(
+        root / "data",
+        [
+            {"id": "s1", "n_cells": 130, "meta": {"patient": "P1", "cancer_type": "SKCM"}},
+            {"id": "s2", "n_cells": 70, "meta": {"patient": "P2", "cancer_type": "BRCA"}},
+        ],
+        samples_per_shard=50,
+        seed=1,
+    )
     export = write_tiny_export(root / "export", kwargs=TINY_VIT, proj_dim=16, seed=2)
     return {"root": root, "manifest": manifest, "export": export}
 
@@ -61,13 +67,21 @@ def test_timm_source_loads_a_local_weight_file_strictly(assets, tmp_path):
     random = load_encoder({"source": "random", "arch": "vit_tiny_patch16_224", "kwargs": TINY_VIT}, seed=7)
     weights = tmp_path / "backbone.safetensors"
     save_file({k: v.contiguous() for k, v in random.backbone.state_dict().items()}, str(weights))
-    loaded = load_encoder({"source": "timm", "arch": "vit_tiny_patch16_224", "kwargs": TINY_VIT, "weights": str(weights)})
+    loaded = load_encoder(
+        {"source": "timm", "arch": "vit_tiny_patch16_224", "kwargs": TINY_VIT, "weights": str(weights)}
+    )
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.features(x), random.features(x))
     with pytest.raises(InputError, match=str(weights.name)):
-        load_encoder({"source": "timm", "arch": "vit_tiny_patch16_224", "kwargs": {**TINY_VIT, "depth": 2},
-                      "weights": str(weights)})
+        load_encoder(
+            {
+                "source": "timm",
+                "arch": "vit_tiny_patch16_224",
+                "kwargs": {**TINY_VIT, "depth": 2},
+                "weights": str(weights),
+            }
+        )
     with pytest.raises(InputError, match="encoder.path"):
         load_encoder({"source": "export", "path": None})
     with pytest.raises(InputError, match="config.json"):
@@ -131,15 +145,25 @@ def half_tissue_slide(tmp_path_factory) -> Path:
     image[:, :512] = np.clip(tissue, 0, 255).astype(np.uint8)
     levels = [image, image.reshape(256, 2, 512, 2, 3).mean(axis=(1, 3)).astype(np.uint8)]
     path = tmp_path_factory.mktemp("slide") / "half.ome.tif"
-    write_pyramidal_ome_tiff(path, image.shape[:2], 0.5, lambda level, shape: tiles_from_array(levels[level], 256),
-                             tile_px=256)
+    write_pyramidal_ome_tiff(
+        path, image.shape[:2], 0.5, lambda level, shape: tiles_from_array(levels[level], 256), tile_px=256
+    )
     return path
 
 
 def test_tile_embeddings_cover_the_tissue_and_skip_glass(assets, half_tissue_slide, tmp_path):
     encoder = load_encoder({"source": "export", "path": str(assets["export"])})
-    out = embed_slide_tiles(encoder, half_tissue_slide, tmp_path / "half.h5ad", tile_um_per_px=1.0, tile_px=32,
-                            min_tissue_fraction=0.5, batch_size=16, meta={"patient": "P9"}, progress=False)
+    out = embed_slide_tiles(
+        encoder,
+        half_tissue_slide,
+        tmp_path / "half.h5ad",
+        tile_um_per_px=1.0,
+        tile_px=32,
+        min_tissue_fraction=0.5,
+        batch_size=16,
+        meta={"patient": "P9"},
+        progress=False,
+    )
     adata = read_embeddings(out)
     # Tiles cover 32 px × 1 µm/px = 32 µm = 64 level-0 px: a 8 × 16 grid, the left 8 × 8 on tissue.
     assert adata.uns["embedding"]["n_grid_tiles"] == 128
@@ -160,12 +184,17 @@ def test_tile_embeddings_cover_the_tissue_and_skip_glass(assets, half_tissue_sli
 
 
 def test_run_embed_handles_shards_and_slides_from_one_config(assets, half_tissue_slide, tmp_path):
-    cfg = OmegaConf.create({
-        "out_dir": str(tmp_path / "emb"), "encoder": {"source": "export", "path": str(assets["export"])},
-        "shards": str(assets["manifest"]), "progress": False, "batch_size": 50,
-        "slides": [{"path": str(half_tissue_slide), "id": "wsi", "meta": {"patient": "P9"}}],
-        "tiles": {"um_per_px": 2.0, "size_px": 32},
-    })
+    cfg = OmegaConf.create(
+        {
+            "out_dir": str(tmp_path / "emb"),
+            "encoder": {"source": "export", "path": str(assets["export"])},
+            "shards": str(assets["manifest"]),
+            "progress": False,
+            "batch_size": 50,
+            "slides": [{"path": str(half_tissue_slide), "id": "wsi", "meta": {"patient": "P9"}}],
+            "tiles": {"um_per_px": 2.0, "size_px": 32},
+        }
+    )
     result = run_embed(cfg)
     assert set(result["files"]) == {"s1", "s2", "wsi"}
     assert result["n"]["s1"] == 130 and result["n"]["s2"] == 70 and 0 < result["n"]["wsi"] <= 32

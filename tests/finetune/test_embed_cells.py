@@ -1,4 +1,5 @@
 """Cell embeddings from shards with the exported cell encoder: same numbers as the model, per-slide files, checks."""
+
 from __future__ import annotations
 
 import copy
@@ -22,8 +23,10 @@ from pretrain.models import build_model
 N_GENES = 50
 CONTEXT = 12
 MODEL = {
-    "image": {"arch": "vit_tiny_patch16_224", "kwargs": {"img_size": 32, "patch_size": 16, "depth": 1,
-                                                        "embed_dim": 32, "num_heads": 2}},
+    "image": {
+        "arch": "vit_tiny_patch16_224",
+        "kwargs": {"img_size": 32, "patch_size": 16, "depth": 1, "embed_dim": 32, "num_heads": 2},
+    },
     "cell": {"dim": 32, "heads": 4, "ff_dim": 64, "layers": 2, "context_length": CONTEXT, "vocab_size": 30 + N_GENES},
     "graph": {"node_encoder": "transformer", "gat_layers": 1, "gat_heads": 2, "hidden": 16, "radius_um": 25.0},
     "fusion": {"heads": 4},
@@ -32,8 +35,9 @@ MODEL = {
 
 
 def _vocabulary() -> Vocabulary:
-    return Vocabulary.from_genes([f"ENSG{i:011d}" for i in range(N_GENES)], [f"G{i}" for i in range(N_GENES)],
-                                 source="panel")
+    return Vocabulary.from_genes(
+        [f"ENSG{i:011d}" for i in range(N_GENES)], [f"G{i}" for i in range(N_GENES)], source="panel"
+    )
 
 
 def _tokens(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -58,20 +62,35 @@ def _write_shards(root: Path, cells_per_slide: dict[str, int], seed: int = 0) ->
             writer = TarSampleWriter(stream)
             for i in range(n):
                 m = int(rng.integers(0, 4))
-                cell = {"tokens": _tokens(rng, 1)[0], "nbr_tokens": _tokens(rng, m).reshape(m, CONTEXT),
-                        "nbr_offsets_um": (rng.normal(size=(m, 2)) * 15).astype(np.float32)}
+                cell = {
+                    "tokens": _tokens(rng, 1)[0],
+                    "nbr_tokens": _tokens(rng, m).reshape(m, CONTEXT),
+                    "nbr_offsets_um": (rng.normal(size=(m, 2)) * 15).astype(np.float32),
+                }
                 meta = {"slide": slide, "cell_id": f"c{i}", "x_um": float(i), "y_um": float(2 * i), "patient": slide}
-                writer.write(encode_sample(f"{slide}_{i:05d}", b"", cell["tokens"], cell["nbr_tokens"],
-                                           cell["nbr_offsets_um"], meta))
+                writer.write(
+                    encode_sample(
+                        f"{slide}_{i:05d}", b"", cell["tokens"], cell["nbr_tokens"], cell["nbr_offsets_um"], meta
+                    )
+                )
                 inputs.append({**cell, "slide": slide})
             writer.close()
         shards.append({"path": path.name, "n_samples": n, "slide": slide})
-    write_json(root / "manifest.json", {
-        "format_version": 1, "n_samples": sum(cells_per_slide.values()), "n_shards": len(shards), "shards": shards,
-        "vocabulary": {"path": "vocab.tsv", "sha256": vocab.sha256(), "size": len(vocab), "source": "panel"},
-        "tech_mean": None, "slides": {s: {"slide": s} for s in cells_per_slide},
-        "config": {"tokens": {"context_length": CONTEXT, "assay": "xenium", "modality": "spatial", "organism": "human"}},
-    })
+    write_json(
+        root / "manifest.json",
+        {
+            "format_version": 1,
+            "n_samples": sum(cells_per_slide.values()),
+            "n_shards": len(shards),
+            "shards": shards,
+            "vocabulary": {"path": "vocab.tsv", "sha256": vocab.sha256(), "size": len(vocab), "source": "panel"},
+            "tech_mean": None,
+            "slides": {s: {"slide": s} for s in cells_per_slide},
+            "config": {
+                "tokens": {"context_length": CONTEXT, "assay": "xenium", "modality": "spatial", "organism": "human"}
+            },
+        },
+    )
     return root / "manifest.json", inputs
 
 
@@ -79,8 +98,13 @@ def _cell_encoder(vocab_sha: str) -> PretrainedCellEncoder:
     torch.manual_seed(0)
     tower = build_model(copy.deepcopy(MODEL)).eval()
     tower.image_encoder = None
-    tokenizer = {"context_length": CONTEXT, "assay": "xenium", "modality": "spatial", "organism": "human",
-                 "vocabulary_sha256": vocab_sha}
+    tokenizer = {
+        "context_length": CONTEXT,
+        "assay": "xenium",
+        "modality": "spatial",
+        "organism": "human",
+        "vocabulary_sha256": vocab_sha,
+    }
     return PretrainedCellEncoder(tower, _vocabulary(), None, tokenizer, {"model": MODEL}).eval()
 
 
@@ -93,9 +117,12 @@ def _reference(encoder: PretrainedCellEncoder, cell: dict) -> np.ndarray:
     """The cell tower on one cell alone, straight from its arrays."""
     m = len(cell["nbr_tokens"])
     with torch.no_grad():
-        out = encoder(torch.as_tensor(cell["tokens"][None], dtype=torch.long),
-                      torch.as_tensor(cell["nbr_tokens"], dtype=torch.long),
-                      torch.as_tensor(cell["nbr_offsets_um"]), torch.zeros(m, dtype=torch.long))
+        out = encoder(
+            torch.as_tensor(cell["tokens"][None], dtype=torch.long),
+            torch.as_tensor(cell["nbr_tokens"], dtype=torch.long),
+            torch.as_tensor(cell["nbr_offsets_um"]),
+            torch.zeros(m, dtype=torch.long),
+        )
     return out[0].numpy()
 
 
@@ -123,8 +150,14 @@ def test_cell_feature_option_and_patient_means_for_past_multi(shards, tmp_path):
         expected = encoder.tower.cell_encoder(tokens).numpy()  # (7, dim) transformer feature alone
     np.testing.assert_allclose(anndata.read_h5ad(files["s0"]).X, expected, rtol=1e-4, atol=1e-5)
     # A patient with both slides gets the mean over all 12 cells; one with s1 only, over its 5.
-    cohort = Cohort(case_ids=["A", "B"], slide_ids=[["s0", "s1"], ["s1"]], survival_months=np.array([1.0, 2.0]),
-                    censored=np.array([False, True]), omics={}, omic_columns={})
+    cohort = Cohort(
+        case_ids=["A", "B"],
+        slide_ids=[["s0", "s1"], ["s1"]],
+        survival_months=np.array([1.0, 2.0]),
+        censored=np.array([False, True]),
+        omics={},
+        omic_columns={},
+    )
     means = read_cell_embeddings(tmp_path / "emb", cohort)
     both = np.concatenate([anndata.read_h5ad(files[s]).X for s in ("s0", "s1")])
     np.testing.assert_allclose(means[0], both.mean(0), rtol=1e-5)

@@ -1,4 +1,5 @@
 """The gene-expression head: splits, the shard ↔ bundle join, a planted signal, the full run's outputs."""
+
 from __future__ import annotations
 
 import json
@@ -30,11 +31,19 @@ def _cells(n_per_slide=200, slides=(("s1", "P1", "BRCA"), ("s2", "P2", "BRCA"), 
     rng = np.random.default_rng(seed)
     frames = []
     for slide, patient, cancer in slides:
-        frames.append(pd.DataFrame({
-            "slide": slide, "cell_id": [f"c{i}" for i in range(n_per_slide)],
-            "x_um": rng.uniform(0, 2000, n_per_slide), "y_um": rng.uniform(0, 800, n_per_slide),
-            "registration_region": rng.integers(0, 3, n_per_slide), "patient": patient, "cancer_type": cancer,
-        }))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "slide": slide,
+                    "cell_id": [f"c{i}" for i in range(n_per_slide)],
+                    "x_um": rng.uniform(0, 2000, n_per_slide),
+                    "y_um": rng.uniform(0, 800, n_per_slide),
+                    "registration_region": rng.integers(0, 3, n_per_slide),
+                    "patient": patient,
+                    "cancer_type": cancer,
+                }
+            )
+        )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -105,10 +114,14 @@ def test_explicit_test_groups_and_clear_errors_when_metadata_cannot_support_a_se
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("genes")
-    manifest = write_synthetic_cells(root / "data", [
-        {"id": "s1", "n_cells": 300, "meta": {"patient": "P1", "cancer_type": "SKCM"}},
-        {"id": "s2", "n_cells": 200, "meta": {"patient": "P2", "cancer_type": "BRCA"}},
-    ], seed=0)
+    manifest = write_synthetic_cells(
+        root / "data",
+        [
+            {"id": "s1", "n_cells": 300, "meta": {"patient": "P1", "cancer_type": "SKCM"}},
+            {"id": "s2", "n_cells": 200, "meta": {"patient": "P2", "cancer_type": "BRCA"}},
+        ],
+        seed=0,
+    )
     export = write_tiny_export(root / "export", kwargs=TINY_VIT)
     return {"root": root, "manifest": manifest, "export": export}
 
@@ -189,22 +202,40 @@ def test_cluster_agreement_is_one_for_identical_profiles_and_low_for_scrambled_o
 
 def _config(synthetic, out_dir, **overrides):
     cfg = {
-        "out_dir": str(out_dir), "data": {"manifest": str(synthetic["manifest"])},
-        "encoder": {"source": "export", "path": str(synthetic["export"])}, "progress": False,
-        "genes": {"n_top": 4}, "modes": ["linear_probe"],
+        "out_dir": str(out_dir),
+        "data": {"manifest": str(synthetic["manifest"])},
+        "encoder": {"source": "export", "path": str(synthetic["export"])},
+        "progress": False,
+        "genes": {"n_top": 4},
+        "modes": ["linear_probe"],
     }
     return OmegaConf.merge(OmegaConf.create(cfg), OmegaConf.create(overrides))
 
 
 def test_run_genes_writes_metrics_tables_figure_and_predictions(synthetic, capsys):
     out_dir = synthetic["root"] / "run_inter"
-    result = run_genes(_config(synthetic, out_dir, setting="inter", modes=["linear_probe", "finetune"],
-                               genes={"inter": ["G0", "G1", "G2"]}, finetune={"epochs": 1, "batch_size": 64}))
+    result = run_genes(
+        _config(
+            synthetic,
+            out_dir,
+            setting="inter",
+            modes=["linear_probe", "finetune"],
+            genes={"inter": ["G0", "G1", "G2"]},
+            finetune={"epochs": 1, "batch_size": 64},
+        )
+    )
     printed = capsys.readouterr().out
     for run in ("pretrained/linear_probe", "pretrained/finetune", "random/linear_probe", "random/finetune"):
         assert run in printed and run in result["results"]
-    assert {p.name for p in out_dir.iterdir()} >= {"config.yaml", "metrics.json", "per_gene.csv", "predictions.h5ad",
-                                                   "linear_head.safetensors", "linear_head.json", "spatial_G0.png"}
+    assert {p.name for p in out_dir.iterdir()} >= {
+        "config.yaml",
+        "metrics.json",
+        "per_gene.csv",
+        "predictions.h5ad",
+        "linear_head.safetensors",
+        "linear_head.json",
+        "spatial_G0.png",
+    }
     assert not list(out_dir.parent.glob(f".{out_dir.name}*"))  # no temporary folder left behind
     metrics = json.loads((out_dir / "metrics.json").read_text())
     held_out = metrics["split"]["test_groups"]
@@ -227,7 +258,9 @@ def test_run_genes_writes_metrics_tables_figure_and_predictions(synthetic, capsy
     recomputed = pearson_per_gene(predictions.X, predictions.layers["measured"])
     np.testing.assert_allclose(table.loc[genes, "pearson_pretrained_linear_probe"], recomputed, atol=1e-4)
     assert table.loc["G0", "pearson_pretrained_linear_probe"] > 0.8
-    assert result["results"]["pretrained/linear_probe"]["mean_pearson"] == pytest.approx(np.nanmean(recomputed), abs=1e-4)
+    assert result["results"]["pretrained/linear_probe"]["mean_pearson"] == pytest.approx(
+        np.nanmean(recomputed), abs=1e-4
+    )
     assert (out_dir / "spatial_G0.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(result["results"]["pretrained/finetune"]["epoch_losses"]) == 1
 

@@ -1,4 +1,5 @@
 """finetune.metrics against scikit-survival, lifelines, scikit-image, scipy and hand computations."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -72,8 +73,9 @@ def test_ipcw_matches_sksurv_with_same_tau(seed):
     train_time, train_event, _ = censored_survival(rng, 300)
     test_time, test_event, risk = censored_survival(rng, 150)
     tau = float(np.quantile(train_time, 0.8))
-    expected = concordance_index_ipcw(Surv.from_arrays(train_event, train_time),
-                                      Surv.from_arrays(test_event, test_time), risk, tau=tau)[0]
+    expected = concordance_index_ipcw(
+        Surv.from_arrays(train_event, train_time), Surv.from_arrays(test_event, test_time), risk, tau=tau
+    )[0]
     ours = metrics.ipcw_concordance_index(train_time, train_event, test_time, test_event, risk, tau=tau)
     assert ours == pytest.approx(expected, abs=1e-12)
     # censoring weights change the value: it is not Harrell's in disguise
@@ -91,11 +93,13 @@ def test_ipcw_default_tau_is_training_follow_up():
     with pytest.raises(ValueError):  # what scikit-survival does without truncation
         concordance_index_ipcw(train_y, test_y, risk)
     expected = concordance_index_ipcw(train_y, test_y, risk, tau=train_time.max())[0]
-    assert metrics.ipcw_concordance_index(train_time, train_event, test_time, test_event, risk) \
-        == pytest.approx(expected, abs=1e-12)
+    assert metrics.ipcw_concordance_index(train_time, train_event, test_time, test_event, risk) == pytest.approx(
+        expected, abs=1e-12
+    )
     # a tau beyond follow-up is capped, not an error
-    assert metrics.ipcw_concordance_index(train_time, train_event, test_time, test_event, risk,
-                                          tau=train_time.max() * 10) == pytest.approx(expected, abs=1e-12)
+    assert metrics.ipcw_concordance_index(
+        train_time, train_event, test_time, test_event, risk, tau=train_time.max() * 10
+    ) == pytest.approx(expected, abs=1e-12)
 
 
 def test_ipcw_without_censoring_equals_harrell():
@@ -135,7 +139,7 @@ def image_pairs():
 def test_psnr_matches_formula_and_skimage(image_pairs):
     for pred, target, data_range in image_pairs:
         mse = np.mean((pred - target) ** 2)
-        by_hand = 10 * np.log10(data_range ** 2 / mse)
+        by_hand = 10 * np.log10(data_range**2 / mse)
         ours = metrics.psnr(pred, target, data_range)
         assert ours == pytest.approx(by_hand, rel=1e-12)
         assert ours == pytest.approx(peak_signal_noise_ratio(target, pred, data_range=data_range), rel=1e-12)
@@ -146,7 +150,8 @@ def test_psnr_matches_formula_and_skimage(image_pairs):
 def test_ssim_matches_skimage(image_pairs):
     (grey_pred, grey, grey_range), (rgb_pred, rgb, rgb_range) = image_pairs
     assert metrics.ssim(grey_pred, grey, grey_range) == pytest.approx(
-        structural_similarity(grey, grey_pred, data_range=grey_range), rel=1e-12)
+        structural_similarity(grey, grey_pred, data_range=grey_range), rel=1e-12
+    )
     # channels last: the mean of the per-channel SSIMs
     per_channel = [structural_similarity(rgb[..., c], rgb_pred[..., c], data_range=rgb_range) for c in range(3)]
     assert metrics.ssim(rgb_pred, rgb, rgb_range) == pytest.approx(np.mean(per_channel), rel=1e-12)

@@ -1,4 +1,5 @@
 """Whole-slide tile stitching: weights, tile plan, seam-free blending, memmap path, OME-TIFF output."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,8 +26,17 @@ def identity(tiles: np.ndarray) -> np.ndarray:
 
 
 def stitch(image, predict, tile_px=16, overlap_px=4, batch_size=3, out_channels=3, **kwargs):
-    return stitch_predict(array_tile_reader(image), predict, image.shape[:2], out_channels, tile_px, overlap_px,
-                          batch_size, progress=False, **kwargs)
+    return stitch_predict(
+        array_tile_reader(image),
+        predict,
+        image.shape[:2],
+        out_channels,
+        tile_px,
+        overlap_px,
+        batch_size,
+        progress=False,
+        **kwargs,
+    )
 
 
 def smooth_image(shape_hw, seed=0, low=60, high=220):
@@ -38,8 +48,9 @@ def smooth_image(shape_hw, seed=0, low=60, high=220):
 
 
 def write_slide(path, image, um_per_px=0.5):
-    write_pyramidal_ome_tiff(path, image.shape[:2], um_per_px,
-                             lambda level, shape: _edge_tiles(_area_level(image, level)), quality=98)
+    write_pyramidal_ome_tiff(
+        path, image.shape[:2], um_per_px, lambda level, shape: _edge_tiles(_area_level(image, level)), quality=98
+    )
     return path
 
 
@@ -207,8 +218,9 @@ def he_slide(tmp_path_factory):
 def test_slide_identity_round_trip(he_slide, tmp_path):
     path, decoded = he_slide
     out = tmp_path / "ihc.ome.tif"
-    summary = predict_slide_to_ome_tiff(path, out, identity, tile_px=256, overlap_px=32, batch_size=4,
-                                        tissue_only=False, progress=False, quality=95)
+    summary = predict_slide_to_ome_tiff(
+        path, out, identity, tile_px=256, overlap_px=32, batch_size=4, tissue_only=False, progress=False, quality=95
+    )
     assert summary["tiles_predicted"] == len(plan_tiles((1100, 900), 256, 32)) and summary["tiles_skipped"] == 0
     assert summary["shape_hw"] == [1100, 900] and summary["out_path"] == str(out)
     with Slide(out) as result:
@@ -224,8 +236,9 @@ def test_slide_identity_round_trip(he_slide, tmp_path):
 def test_slide_at_a_coarser_level_keeps_that_levels_scale(he_slide, tmp_path):
     path, _ = he_slide
     out = tmp_path / "level1.ome.tif"
-    summary = predict_slide_to_ome_tiff(path, out, identity, tile_px=128, overlap_px=16, level=1,
-                                        tissue_only=False, progress=False)
+    summary = predict_slide_to_ome_tiff(
+        path, out, identity, tile_px=128, overlap_px=16, level=1, tissue_only=False, progress=False
+    )
     with Slide(out) as result:
         assert result.shape == (550, 450) and result.um_per_px == pytest.approx(0.5)
     assert summary["um_per_px"] == pytest.approx(0.5)
@@ -235,8 +248,9 @@ def test_constant_slide_gives_a_constant_output_without_seams(tmp_path):
     colour = (205, 120, 160)
     path = write_slide(tmp_path / "flat.ome.tif", np.full((1100, 900, 3), colour, dtype=np.uint8))
     out = tmp_path / "flat_ihc.ome.tif"
-    summary = predict_slide_to_ome_tiff(path, out, lambda t: t.astype(np.float32) - 40, tile_px=256, overlap_px=32,
-                                        progress=False)  # tissue_only: a flat slide is all "tissue"
+    summary = predict_slide_to_ome_tiff(
+        path, out, lambda t: t.astype(np.float32) - 40, tile_px=256, overlap_px=32, progress=False
+    )  # tissue_only: a flat slide is all "tissue"
     assert summary["tiles_skipped"] == 0
     with Slide(out) as result:
         level0 = result.read_region(0, 0, 900, 1100).astype(int)
@@ -257,8 +271,9 @@ def test_tissue_only_skips_glass(tmp_path):
         calls.append(len(tiles))
         return tiles.astype(np.float32)
 
-    summary = predict_slide_to_ome_tiff(path, tmp_path / "half_ihc.ome.tif", predict, tile_px=128, overlap_px=16,
-                                        progress=False)
+    summary = predict_slide_to_ome_tiff(
+        path, tmp_path / "half_ihc.ome.tif", predict, tile_px=128, overlap_px=16, progress=False
+    )
     assert summary["tiles_skipped"] > 0 and summary["tiles_predicted"] == sum(calls) > 0
     with Slide(tmp_path / "half_ihc.ome.tif") as result, Slide(path) as source:
         out = result.read_region(0, 0, 500, 600).astype(float)
@@ -275,9 +290,17 @@ def test_multichannel_ome_tiff_pyramid_with_names(he_slide, tmp_path):
         return np.stack([t.mean(-1), 255 - t[..., 1]], axis=-1)
 
     out = tmp_path / "mif.ome.tif"
-    summary = predict_slide_to_ome_tiff(path, out, markers, tile_px=256, overlap_px=32, tissue_only=False,
-                                        channel_names=names, progress=False,
-                                        description="virtual mIF")
+    summary = predict_slide_to_ome_tiff(
+        path,
+        out,
+        markers,
+        tile_px=256,
+        overlap_px=32,
+        tissue_only=False,
+        channel_names=names,
+        progress=False,
+        description="virtual mIF",
+    )
     assert summary["channels"] == names
     expected = markers(decoded[None])[0]  # (H, W, C)
     with tifffile.TiffFile(out) as tif:
@@ -285,8 +308,9 @@ def test_multichannel_ome_tiff_pyramid_with_names(he_slide, tmp_path):
         assert series.axes == "CYX" and series.shape == (2, 1100, 900) and series.dtype == np.float32
         assert [lvl.shape for lvl in series.levels] == [(2, 1100, 900), (2, 550, 450)]
         np.testing.assert_allclose(series.asarray(), expected.transpose(2, 0, 1), atol=1e-3)
-        np.testing.assert_allclose(series.levels[1].asarray(), downsample2x_area(expected).transpose(2, 0, 1),
-                                   atol=1e-3)
+        np.testing.assert_allclose(
+            series.levels[1].asarray(), downsample2x_area(expected).transpose(2, 0, 1), atol=1e-3
+        )
         xml = tif.ome_metadata
     for name in names:
         assert f'Name="{name}"' in xml

@@ -1,4 +1,5 @@
 """MCAT survival: hazard bins, NLL loss, patient folds, model masks, signal on a synthetic cohort, outputs."""
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,16 @@ from finetune.survival import (
 from finetune.synthetic import make_cohort
 
 SMALL_MODEL = {"dim": 32, "n_heads": 2, "n_layers": 1, "dropout": 0.25, "n_bins": 4}
-FAST_TRAIN = {"n_folds": 5, "epochs": 20, "batch_size": 8, "grad_accumulation": 1, "lr": 1e-3,
-              "weight_decay": 1e-5, "alpha": 0.0, "device": "cpu"}
+FAST_TRAIN = {
+    "n_folds": 5,
+    "epochs": 20,
+    "batch_size": 8,
+    "grad_accumulation": 1,
+    "lr": 1e-3,
+    "weight_decay": 1e-5,
+    "alpha": 0.0,
+    "device": "cpu",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -46,8 +55,17 @@ def one_thread():
 @pytest.fixture(scope="module")
 def strong_cohort(tmp_path_factory):
     out = tmp_path_factory.mktemp("cohort") / "cohort"
-    made = make_cohort(out, n_patients=60, embedding_dim=16, cell_dim=8, seed=3, image_effect=1.5,
-                       genomic_effect=1.5, cell_effect=0.0, patches_per_slide=(20, 40))
+    made = make_cohort(
+        out,
+        n_patients=60,
+        embedding_dim=16,
+        cell_dim=8,
+        seed=3,
+        image_effect=1.5,
+        genomic_effect=1.5,
+        cell_effect=0.0,
+        patches_per_slide=(20, 40),
+    )
     cohort = read_clinical(made["clinical_csv"], read_signatures(made["signatures_csv"]))
     bags = load_bags(cohort, made["embeddings_dir"], max_patches=64)
     return made, cohort, bags
@@ -121,8 +139,16 @@ def test_patient_folds_disjoint_and_complete(tmp_path):
     rng = np.random.default_rng(0)
     for p in range(23):
         for s in range(1 + p % 3):
-            rows.append({"case_id": f"C{p}", "slide_id": f"C{p}-{s}", "survival_months": 10.0 + p,
-                         "censorship": p % 2, "TP53_rnaseq": float(p), "MYC": float(-p)})
+            rows.append(
+                {
+                    "case_id": f"C{p}",
+                    "slide_id": f"C{p}-{s}",
+                    "survival_months": 10.0 + p,
+                    "censorship": p % 2,
+                    "TP53_rnaseq": float(p),
+                    "MYC": float(-p),
+                }
+            )
     pd.DataFrame(rows).to_csv(tmp_path / "clinical.csv", index=False)
     pd.DataFrame({"group": ["TS", "Onc"], "gene": ["TP53", "MYC"]}).to_csv(tmp_path / "sig.csv", index=False)
     cohort = read_clinical(tmp_path / "clinical.csv", read_signatures(tmp_path / "sig.csv"))
@@ -138,11 +164,20 @@ def test_patient_folds_disjoint_and_complete(tmp_path):
 
 
 def test_clinical_errors_name_file_and_field(tmp_path):
-    pd.DataFrame({"case_id": ["a"], "slide_id": ["s"], "survival_months": [3.0]}).to_csv(tmp_path / "c.csv", index=False)
+    pd.DataFrame({"case_id": ["a"], "slide_id": ["s"], "survival_months": [3.0]}).to_csv(
+        tmp_path / "c.csv", index=False
+    )
     with pytest.raises(InputError, match=r"c\.csv.*censorship"):
         read_clinical(tmp_path / "c.csv", {"g": ["TP53"]})
-    rows = pd.DataFrame({"case_id": ["a", "a"], "slide_id": ["s1", "s2"], "survival_months": [3.0, 4.0],
-                         "censorship": [0, 0], "TP53": [1.0, 1.0]})
+    rows = pd.DataFrame(
+        {
+            "case_id": ["a", "a"],
+            "slide_id": ["s1", "s2"],
+            "survival_months": [3.0, 4.0],
+            "censorship": [0, 0],
+            "TP53": [1.0, 1.0],
+        }
+    )
     rows.to_csv(tmp_path / "d.csv", index=False)
     with pytest.raises(InputError, match="same survival"):
         read_clinical(tmp_path / "d.csv", {"g": ["TP53"]})
@@ -154,8 +189,15 @@ def test_bags_from_h5ad_and_npz(tmp_path):
     anndata.AnnData(X=np.ones((5, 3), np.float32)).write_h5ad(tmp_path / "s1.h5ad")  # finetune.embed's layout
     np.savez(tmp_path / "s2.npz", embeddings=np.zeros((4, 3), np.float32), coords=np.zeros((4, 2)))
     assert load_embedding_file(tmp_path / "s1.h5ad").shape == (5, 3)
-    pd.DataFrame({"case_id": ["a", "b"], "slide_id": ["s1;s2", "s2"], "survival_months": [1.0, 2.0],
-                  "censorship": [0, 1], "TP53": [0.0, 1.0]}).to_csv(tmp_path / "c.csv", index=False)
+    pd.DataFrame(
+        {
+            "case_id": ["a", "b"],
+            "slide_id": ["s1;s2", "s2"],
+            "survival_months": [1.0, 2.0],
+            "censorship": [0, 1],
+            "TP53": [0.0, 1.0],
+        }
+    ).to_csv(tmp_path / "c.csv", index=False)
     cohort = read_clinical(tmp_path / "c.csv", {"g": ["TP53"]})
     bags = load_bags(cohort, tmp_path, max_patches=6, seed=0)
     assert [b.shape for b in bags] == [(6, 3), (4, 3)]
@@ -197,8 +239,9 @@ def test_mcat_shapes_and_padding_masks(mode, cell_dim):
 
 
 def _pooled_c(oof: pd.DataFrame) -> float:
-    return concordance_index_censored(oof["censorship"].to_numpy() == 0, oof["survival_months"].to_numpy(),
-                                      oof["risk"].to_numpy())[0]
+    return concordance_index_censored(
+        oof["censorship"].to_numpy() == 0, oof["survival_months"].to_numpy(), oof["risk"].to_numpy()
+    )[0]
 
 
 @pytest.mark.slow  # ~45 s: 2 × 5-fold cross-validation
@@ -213,19 +256,26 @@ def test_mcat_learns_planted_signal_and_not_shuffled_survival(strong_cohort):
 
     rng = np.random.default_rng(0)
     order = rng.permutation(len(cohort))
-    shuffled = type(cohort)(**{**cohort.__dict__, "survival_months": cohort.survival_months[order],
-                               "censored": cohort.censored[order]})
+    shuffled = type(cohort)(
+        **{**cohort.__dict__, "survival_months": cohort.survival_months[order], "censored": cohort.censored[order]}
+    )
     _, oof_null = cross_validate(shuffled, bags, None, "mcat", model_cfg, train_cfg, seed=0)
     assert abs(_pooled_c(oof_null) - 0.5) < 0.12
     assert _pooled_c(oof) - _pooled_c(oof_null) > 0.1
 
 
 def test_run_survival_writes_tables_and_kaplan_meier(tmp_path, capsys):
-    cfg = apply_schema(SurvivalConfig, {
-        "out_dir": str(tmp_path / "run"), "progress": False, "modes": ["genomic", "past_multi"],
-        "cohort": {"synthetic": True, "n_patients": 40, "embedding_dim": 8, "cell_dim": 4},
-        "model": SMALL_MODEL, "train": {**FAST_TRAIN, "epochs": 2},
-    })
+    cfg = apply_schema(
+        SurvivalConfig,
+        {
+            "out_dir": str(tmp_path / "run"),
+            "progress": False,
+            "modes": ["genomic", "past_multi"],
+            "cohort": {"synthetic": True, "n_patients": 40, "embedding_dim": 8, "cell_dim": 4},
+            "model": SMALL_MODEL,
+            "train": {**FAST_TRAIN, "epochs": 2},
+        },
+    )
     result = run_survival(cfg)
     out = tmp_path / "run"
     for name in ("config.yaml", "fold_metrics.csv", "summary.csv", "metrics.json", "oof_risks.csv"):
@@ -244,14 +294,25 @@ def test_run_survival_writes_tables_and_kaplan_meier(tmp_path, capsys):
 def test_paired_gains_compare_the_same_folds_by_hand():
     from finetune.survival import paired_gains
 
-    c = {("E", "pathology"): [0.60, 0.70, 0.65], ("-", "genomic"): [0.55, 0.58, 0.70],
-         ("E", "mcat"): [0.66, 0.69, 0.72], ("E", "past_multi"): [0.70, 0.71, 0.71]}
-    folds = pd.DataFrame([{"encoder": e, "mode": m, "fold": f, "harrell_c": v}
-                          for (e, m), values in c.items() for f, v in enumerate(values)])
+    c = {
+        ("E", "pathology"): [0.60, 0.70, 0.65],
+        ("-", "genomic"): [0.55, 0.58, 0.70],
+        ("E", "mcat"): [0.66, 0.69, 0.72],
+        ("E", "past_multi"): [0.70, 0.71, 0.71],
+    }
+    folds = pd.DataFrame(
+        [
+            {"encoder": e, "mode": m, "fold": f, "harrell_c": v}
+            for (e, m), values in c.items()
+            for f, v in enumerate(values)
+        ]
+    )
     gains = paired_gains(folds).set_index("comparison")
-    expected = {"MCAT − pathology only": ("mcat", "E", "pathology", "E"),
-                "MCAT − genomic only": ("mcat", "E", "genomic", "-"),
-                "PAST-multi − MCAT": ("past_multi", "E", "mcat", "E")}
+    expected = {
+        "MCAT − pathology only": ("mcat", "E", "pathology", "E"),
+        "MCAT − genomic only": ("mcat", "E", "genomic", "-"),
+        "PAST-multi − MCAT": ("past_multi", "E", "mcat", "E"),
+    }
     assert set(gains.index) == set(expected)
     for name, (better, e1, base, e2) in expected.items():
         diff = np.array(c[(e1, better)]) - np.array(c[(e2, base)])

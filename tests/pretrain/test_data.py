@@ -4,6 +4,7 @@ Covers: batch layout and contents, rank/worker shard splits (disjoint, covering)
 every rank with unequal shards, determinism in (seed, epoch, rank), the image/offset consistency of
 flips and 90° rotations, resampling, and bad input.
 """
+
 from __future__ import annotations
 
 import io
@@ -79,11 +80,18 @@ def write_dataset(root: Path, slides: dict[str, list[int]], seed: int = 0, marke
                 image = _texture(rng)
             meta = {"cell_id": str(i), "slide": slide, "x_um": float(i), "y_um": 0.0}
             writer.add(i, encode_sample(key, _jpeg(image), tokens, nbr_tokens, offsets, meta))
-            truth[key] = {"tokens": tokens, "nbr_tokens": nbr_tokens, "offsets": offsets, "image": image,
-                          "shard": f"{slide}/shard-{int(plan.bucket[i]):06d}.tar"}
+            truth[key] = {
+                "tokens": tokens,
+                "nbr_tokens": nbr_tokens,
+                "offsets": offsets,
+                "image": image,
+                "shard": f"{slide}/shard-{int(plan.bucket[i]):06d}.tar",
+            }
         shards = writer.finish()
-        write_json(root / slide / SLIDE_MANIFEST_NAME,
-                   {"slide": slide, "vocabulary_sha256": VOCABULARY["sha256"], "shards": shards})
+        write_json(
+            root / slide / SLIDE_MANIFEST_NAME,
+            {"slide": slide, "vocabulary_sha256": VOCABULARY["sha256"], "shards": shards},
+        )
     merge_manifests(root, VOCABULARY, config={"test": True})
     return truth
 
@@ -109,8 +117,18 @@ def epoch_keys(loader) -> list[list[str]]:
 def test_batch_layout_and_contents(unequal):
     root, truth = unequal
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    loader, steps = make_loader(root, 8, rank=0, world_size=1, num_workers=0, shuffle_buffer=16,
-                                resample=False, augment=False, image_mean=mean, image_std=std)
+    loader, steps = make_loader(
+        root,
+        8,
+        rank=0,
+        world_size=1,
+        num_workers=0,
+        shuffle_buffer=16,
+        resample=False,
+        augment=False,
+        image_mean=mean,
+        image_std=std,
+    )
     assert steps == 88 // 8 == len(loader)
     batches = list(loader)
     assert len(batches) == steps
@@ -147,8 +165,18 @@ def test_two_ranks_read_disjoint_shards_and_cover_the_epoch(equal):
         assert sorted(shard_lists[0] + shard_lists[1]) == sorted(s["path"] for s in manifest["shards"])
         seen = []
         for rank in (0, 1):
-            loader, steps = make_loader(root, 4, rank=rank, world_size=2, epoch=epoch, seed=3, num_workers=0,
-                                        shuffle_buffer=10, resample=False, augment=True)
+            loader, steps = make_loader(
+                root,
+                4,
+                rank=rank,
+                world_size=2,
+                epoch=epoch,
+                seed=3,
+                num_workers=0,
+                shuffle_buffer=10,
+                resample=False,
+                augment=True,
+            )
             keys = list(itertools.chain.from_iterable(epoch_keys(loader)))
             assert steps == 96 // (4 * 2) and len(keys) == steps * 4
             assert {truth[k]["shard"] for k in keys} <= set(shard_lists[rank])
@@ -166,20 +194,33 @@ def test_every_rank_runs_the_same_number_of_steps_with_unequal_shards(unequal, w
     expected = steps_per_epoch_for(88, 4, world_size)
     for epoch in (0, 1):
         for rank in range(world_size):
-            loader, steps = make_loader(root, 4, rank=rank, world_size=world_size, epoch=epoch, num_workers=0,
-                                        shuffle_buffer=8, resample=False, augment=False)
+            loader, steps = make_loader(
+                root,
+                4,
+                rank=rank,
+                world_size=world_size,
+                epoch=epoch,
+                num_workers=0,
+                shuffle_buffer=8,
+                resample=False,
+                augment=False,
+            )
             batches = epoch_keys(loader)
             assert steps == expected and len(batches) == expected
             assert all(len(b) == 4 for b in batches)
             keys = [k for b in batches for k in b]
             # A rank holding at least steps × batch cells never repeats one within the epoch.
-            held = sum(s["n_samples"] for s in load_manifest(root)["shards"]
-                       if s["path"] in rank_shards(root, rank, world_size, epoch=epoch))
+            held = sum(
+                s["n_samples"]
+                for s in load_manifest(root)["shards"]
+                if s["path"] in rank_shards(root, rank, world_size, epoch=epoch)
+            )
             if held >= steps * 4:
                 assert len(set(keys)) == len(keys)
     # drop_last=False rounds the steps up instead (full batches, a few repeats).
-    loader, steps = make_loader(root, 4, rank=1, world_size=3, num_workers=0, shuffle_buffer=8,
-                                resample=False, augment=False, drop_last=False)
+    loader, steps = make_loader(
+        root, 4, rank=1, world_size=3, num_workers=0, shuffle_buffer=8, resample=False, augment=False, drop_last=False
+    )
     assert steps == -(-88 // 12) and len(epoch_keys(loader)) == steps
 
 
@@ -187,8 +228,18 @@ def test_same_seed_epoch_rank_gives_same_stream_and_new_epoch_reshuffles(equal):
     root, _ = equal
 
     def run(epoch, seed=0, rank=0, via_set_epoch=False):
-        loader, _ = make_loader(root, 4, rank=rank, world_size=2, epoch=0 if via_set_epoch else epoch, seed=seed,
-                                num_workers=0, shuffle_buffer=12, resample=False, augment=True)
+        loader, _ = make_loader(
+            root,
+            4,
+            rank=rank,
+            world_size=2,
+            epoch=0 if via_set_epoch else epoch,
+            seed=seed,
+            num_workers=0,
+            shuffle_buffer=12,
+            resample=False,
+            augment=True,
+        )
         if via_set_epoch:
             loader.set_epoch(epoch)
         batches = list(loader)
@@ -222,8 +273,9 @@ def test_dihedral_moves_pixels_like_offsets(flip, turns):
 def test_augmented_marker_follows_augmented_offset(tmp_path):
     """Each neighbour offset points at a white square; after flips/rotations it still does."""
     write_dataset(tmp_path, {"slideM": [32, 32]}, seed=2, marker=True)
-    loader, _ = make_loader(tmp_path, 8, rank=0, world_size=1, seed=5, num_workers=0, shuffle_buffer=4,
-                            resample=False, augment=True)
+    loader, _ = make_loader(
+        tmp_path, 8, rank=0, world_size=1, seed=5, num_workers=0, shuffle_buffer=4, resample=False, augment=True
+    )
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     transforms_seen = set()
     centre = (CROP_PX - 1) / 2
@@ -261,16 +313,18 @@ def test_fast_colour_path_equals_the_affine_map_then_clamp_then_normalise(satura
 
 def test_two_workers_split_shards_without_duplicates(equal):
     root, truth = equal
-    loader, steps = make_loader(root, 4, rank=0, world_size=1, num_workers=2, shuffle_buffer=10,
-                                resample=False, augment=False)
+    loader, steps = make_loader(
+        root, 4, rank=0, world_size=1, num_workers=2, shuffle_buffer=10, resample=False, augment=False
+    )
     keys = [k for b in epoch_keys(loader) for k in b]
     assert len(keys) == steps * 4 == 96
     assert sorted(keys) == sorted(truth)
     # With 2 ranks × 2 workers each worker holds one shard; ranks stay disjoint.
     per_rank = []
     for rank in (0, 1):
-        loader, steps = make_loader(root, 4, rank=rank, world_size=2, num_workers=2, shuffle_buffer=10,
-                                    resample=False, augment=False)
+        loader, steps = make_loader(
+            root, 4, rank=rank, world_size=2, num_workers=2, shuffle_buffer=10, resample=False, augment=False
+        )
         keys = [k for b in epoch_keys(loader) for k in b]
         assert len(keys) == steps * 4 and len(set(keys)) == len(keys)
         per_rank.append(set(keys))
@@ -281,8 +335,17 @@ def test_resampled_shards_give_fixed_steps_and_rank_dependent_streams(equal):
     root, truth = equal
     streams = []
     for rank in (0, 1):
-        loader, steps = make_loader(root, 4, rank=rank, world_size=2, num_workers=0, shuffle_buffer=10,
-                                    resample=True, augment=False, steps_per_epoch=5)
+        loader, steps = make_loader(
+            root,
+            4,
+            rank=rank,
+            world_size=2,
+            num_workers=0,
+            shuffle_buffer=10,
+            resample=True,
+            augment=False,
+            steps_per_epoch=5,
+        )
         keys = [k for b in epoch_keys(loader) for k in b]
         assert steps == 5 and len(keys) == 20 and set(keys) <= set(truth)
         streams.append(keys)
@@ -306,8 +369,9 @@ def test_bad_inputs_raise_input_error(equal, tmp_path):
     with pytest.raises(InputError, match="world_size=8"):
         make_loader(root, 4, rank=0, world_size=8, num_workers=0, shuffle_buffer=1, resample=False)
     with pytest.raises(InputError, match="augment"):
-        make_loader(root, 4, rank=0, world_size=1, num_workers=0, shuffle_buffer=1, resample=False,
-                    augment={"sharpen": 1.0})
+        make_loader(
+            root, 4, rank=0, world_size=1, num_workers=0, shuffle_buffer=1, resample=False, augment={"sharpen": 1.0}
+        )
     with pytest.raises(InputError, match="manifest"):
         make_loader(tmp_path, 4, rank=0, world_size=1, num_workers=0, shuffle_buffer=1, resample=False)
 
@@ -323,12 +387,15 @@ def test_fast_tar_reader_matches_webdataset(unequal):
         assert all(mine[k] == theirs[k] for k in mine)
 
 
-@pytest.mark.parametrize("array", [
-    np.arange(300, dtype=np.int32),
-    np.zeros((0, 300), dtype=np.int32),
-    np.random.default_rng(0).normal(size=(4, 2)).astype(np.float32),
-    np.asfortranarray(np.arange(12, dtype=np.int64).reshape(3, 4)),  # falls back to np.load
-])
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(300, dtype=np.int32),
+        np.zeros((0, 300), dtype=np.int32),
+        np.random.default_rng(0).normal(size=(4, 2)).astype(np.float32),
+        np.asfortranarray(np.arange(12, dtype=np.int64).reshape(3, 4)),  # falls back to np.load
+    ],
+)
 def test_load_npy_matches_np_load(array):
     buffer = io.BytesIO()
     np.save(buffer, array)
@@ -338,13 +405,26 @@ def test_load_npy_matches_np_load(array):
 
 
 def test_a_broken_sample_names_its_shard_and_member():
-    raw = encode_sample("cell_1", _jpeg(np.zeros((8, 8, 3), dtype=np.uint8)), np.ones(5, np.int32),
-                        np.ones((2, 5), np.int32), np.zeros((2, 2), np.float32), {"cell_id": "1"})
+    raw = encode_sample(
+        "cell_1",
+        _jpeg(np.zeros((8, 8, 3), dtype=np.uint8)),
+        np.ones(5, np.int32),
+        np.ones((2, 5), np.int32),
+        np.zeros((2, 2), np.float32),
+        {"cell_id": "1"},
+    )
     raw["__url__"] = "slideX/shard-000003.tar"
     decode = lambda data: np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))  # noqa: E731
     assert decode_sample(raw, decode).nbr_tokens.shape == (2, 5)
     with pytest.raises(InputError, match=r"shard-000003.tar \[cell_1.tokens.npy\]"):
         decode_sample({k: v for k, v in raw.items() if k != "tokens.npy"}, decode)
-    bad = dict(raw, **{"nbr_offsets.npy": encode_sample("c", b"", np.ones(5), np.ones((3, 5)), np.zeros((3, 2)), {})["nbr_offsets.npy"]})
+    bad = dict(
+        raw,
+        **{
+            "nbr_offsets.npy": encode_sample("c", b"", np.ones(5), np.ones((3, 5)), np.zeros((3, 2)), {})[
+                "nbr_offsets.npy"
+            ]
+        },
+    )
     with pytest.raises(InputError, match=r"cell_1.nbr_offsets.npy.*\(2, 2\)"):
         decode_sample(bad, decode)

@@ -6,6 +6,7 @@ one optimizer step so the weights are no longer the initial ones, and is checkpo
 reference outputs are computed from the engine's own module after that step; the export must
 reproduce them through plain timm (strict load), `load_image_encoder` and `load_cell_encoder`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,9 +51,16 @@ MODEL = {
 }
 TOKENS = {"context_length": CONTEXT, "assay": "xenium", "modality": "spatial", "organism": "human"}
 FINAL_METRICS = {
-    "step": 1, "epoch": 0, "window_steps": 1, "loss": 2.0794, "temperature": 0.0712,
-    "retrieval_top1_img_to_cell": 0.375, "retrieval_top1_cell_to_img": 0.25, "chance": 0.125,
-    "global_micro_batch": 8, "samples_seen": 8,
+    "step": 1,
+    "epoch": 0,
+    "window_steps": 1,
+    "loss": 2.0794,
+    "temperature": 0.0712,
+    "retrieval_top1_img_to_cell": 0.375,
+    "retrieval_top1_cell_to_img": 0.25,
+    "chance": 0.125,
+    "global_micro_batch": 8,
+    "samples_seen": 8,
 }
 
 
@@ -67,15 +75,23 @@ def make_shard_folder(root: Path) -> Path:
     vocab = Vocabulary.from_genes(ids, [f"GENE{i}" for i in range(N_GENES)], source="panel")
     vocab.save(root / "vocab.tsv")
     save_tech_mean(root / "tech_mean.npy", np.linspace(0.5, 4.0, N_GENES))
-    write_json(root / "manifest.json", {
-        "format_version": 1, "n_samples": 96, "n_shards": 1,
-        "shards": [{"path": "s0/s0-000000.tar", "n_samples": 96, "slide": "s0"}],
-        "vocabulary": {"path": "vocab.tsv", "sha256": vocab.sha256(), "size": len(vocab), "source": "panel"},
-        "tech_mean": {"path": "tech_mean.npy", "source": "computed from the training cells"},
-        "slides": {"s0": {"slide": "s0"}},
-        "config": {"tokens": TOKENS, "crop": {"size_px": IMAGE_PX, "target_um_per_px": 0.5},
-                   "neighbours": {"k": 8, "radius_um": 50.0}},
-    })
+    write_json(
+        root / "manifest.json",
+        {
+            "format_version": 1,
+            "n_samples": 96,
+            "n_shards": 1,
+            "shards": [{"path": "s0/s0-000000.tar", "n_samples": 96, "slide": "s0"}],
+            "vocabulary": {"path": "vocab.tsv", "sha256": vocab.sha256(), "size": len(vocab), "source": "panel"},
+            "tech_mean": {"path": "tech_mean.npy", "source": "computed from the training cells"},
+            "slides": {"s0": {"slide": "s0"}},
+            "config": {
+                "tokens": TOKENS,
+                "crop": {"size_px": IMAGE_PX, "target_um_per_px": 0.5},
+                "neighbours": {"k": 8, "radius_um": 50.0},
+            },
+        },
+    )
     return root / "manifest.json"
 
 
@@ -124,9 +140,15 @@ def train_one_step_and_checkpoint(run_dir: Path, manifest: Path, zero_stage: int
         initial_features = module.model.eval().image_encoder.features(probe["image"]).clone()
     module.train()
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-2)
-    ds_config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
-                 "zero_optimization": {"stage": zero_stage}, "steps_per_print": 10**9}
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config, dist_init_required=False)
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": zero_stage},
+        "steps_per_print": 10**9,
+    }
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, config=ds_config, dist_init_required=False
+    )
     batch = make_batch(seed=1)
     out = engine(batch)
     engine.backward(similarity_adjusted_loss(out["img_emb"], out["cell_emb"], out["temperature"]))
@@ -135,8 +157,13 @@ def train_one_step_and_checkpoint(run_dir: Path, manifest: Path, zero_stage: int
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     client_state = {"step": 1, "epoch": 0, "micro_in_epoch": 1, "samples_seen": 4}
-    ckpt.save_checkpoint(engine, run_dir / "checkpoints", 1, client_state,
-                         write_extras=lambda tag_dir: save_config(cfg, tag_dir / "config.yaml"))
+    ckpt.save_checkpoint(
+        engine,
+        run_dir / "checkpoints",
+        1,
+        client_state,
+        write_extras=lambda tag_dir: save_config(cfg, tag_dir / "config.yaml"),
+    )
 
     engine.eval()
     model = engine.module.model
@@ -165,8 +192,13 @@ def runs(tmp_path_factory):
     manifest = make_shard_folder(root / "shards")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DS_ACCELERATOR", "cpu")
-        for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0",
-                           "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        for key, value in {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(_free_port()),
+            "RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_RANK": "0",
+        }.items():
             mp.setenv(key, value)
         import deepspeed
 
@@ -174,8 +206,13 @@ def runs(tmp_path_factory):
         if started_here:
             deepspeed.init_distributed(dist_backend="gloo")
         try:
-            stages = {stage: (root / f"run_zero{stage}", train_one_step_and_checkpoint(root / f"run_zero{stage}", manifest, stage))
-                      for stage in (0, 1, 3)}
+            stages = {
+                stage: (
+                    root / f"run_zero{stage}",
+                    train_one_step_and_checkpoint(root / f"run_zero{stage}", manifest, stage),
+                )
+                for stage in (0, 1, 3)
+            }
         finally:
             if started_here:
                 dist.destroy_process_group()

@@ -1,4 +1,5 @@
 """The PAST similarity-adjusted loss: formula, analytic value, 2-rank gloo equality, temperature, retrieval."""
+
 from __future__ import annotations
 
 import math
@@ -66,8 +67,8 @@ def test_aligned_orthonormal_pairs_have_analytic_value():
 def test_targets_are_detached_by_default():
     g = torch.Generator().manual_seed(2)
     img, cell = random_unit_rows(g, 6, 4).requires_grad_(), random_unit_rows(g, 6, 4)
-    grad_detached, = torch.autograd.grad(similarity_adjusted_loss(img, cell, 0.3), img)
-    grad_through, = torch.autograd.grad(similarity_adjusted_loss(img, cell, 0.3, detach_targets=False), img)
+    (grad_detached,) = torch.autograd.grad(similarity_adjusted_loss(img, cell, 0.3), img)
+    (grad_through,) = torch.autograd.grad(similarity_adjusted_loss(img, cell, 0.3, detach_targets=False), img)
     assert not torch.allclose(grad_detached, grad_through)
     # With detached targets the gradient is that of CE against constant targets.
     tau = 0.3
@@ -76,7 +77,7 @@ def test_targets_are_detached_by_default():
     expected = 0.5 * (
         -(targets * logits.log_softmax(-1)).sum(-1).mean() - (targets.T * logits.T.log_softmax(-1)).sum(-1).mean()
     )
-    grad_expected, = torch.autograd.grad(expected, img)
+    (grad_expected,) = torch.autograd.grad(expected, img)
     torch.testing.assert_close(grad_detached, grad_expected)
 
 
@@ -146,7 +147,6 @@ def _full_batch_problem(dtype=torch.float64):
     return x_img, x_cell, modules
 
 
-
 def _rank_averaged_grads(modules) -> dict:
     """What DeepSpeed/DDP does with data-parallel gradients: average them over ranks."""
     grads = {}
@@ -155,6 +155,7 @@ def _rank_averaged_grads(modules) -> dict:
         dist.all_reduce(grad)
         grads[name] = grad / WORLD_SIZE
     return grads
+
 
 def _forward(modules, x_img, x_cell, detach_targets):
     img_emb = F.normalize(modules["img"](x_img), dim=-1)
@@ -236,12 +237,15 @@ def test_target_mix_zero_is_clip_and_one_is_the_default():
     got = similarity_adjusted_loss(img, cell, tau, target_mix=0.0)
     expected = clip_hard_target_loss(img, cell, tau)
     assert got.item() == pytest.approx(expected.item(), rel=1e-12)
-    grad_got, = torch.autograd.grad(got, img)
-    grad_expected, = torch.autograd.grad(expected, img)
+    (grad_got,) = torch.autograd.grad(got, img)
+    (grad_expected,) = torch.autograd.grad(expected, img)
     torch.testing.assert_close(grad_got, grad_expected)
     # The PAST targets are not the identity here, so λ really changes the loss.
     assert similarity_adjusted_loss(img, cell, tau).item() != pytest.approx(got.item(), rel=1e-6)
-    assert similarity_adjusted_loss(img, cell, tau, target_mix=1.0).item() == similarity_adjusted_loss(img, cell, tau).item()
+    assert (
+        similarity_adjusted_loss(img, cell, tau, target_mix=1.0).item()
+        == similarity_adjusted_loss(img, cell, tau).item()
+    )
 
 
 @pytest.mark.parametrize("mix", [0.25, 0.7])
@@ -250,7 +254,9 @@ def test_target_mix_interpolates_between_clip_and_past(mix):
     img, cell = random_unit_rows(g, 6, 4), random_unit_rows(g, 6, 4)
     tau = 0.3
     # CE is linear in its targets: CE((1 − λ)I + λT) = (1 − λ)·CE(I) + λ·CE(T).
-    expected = (1 - mix) * clip_hard_target_loss(img, cell, tau).item() + mix * reference_loss(img.numpy(), cell.numpy(), tau)
+    expected = (1 - mix) * clip_hard_target_loss(img, cell, tau).item() + mix * reference_loss(
+        img.numpy(), cell.numpy(), tau
+    )
     assert similarity_adjusted_loss(img, cell, tau, target_mix=mix).item() == pytest.approx(expected, rel=1e-10)
 
 

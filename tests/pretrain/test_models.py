@@ -1,4 +1,5 @@
 """PAST model: shapes, masking, graph branch, weight loading, gradients, FLOP estimate (CPU, tiny)."""
+
 from __future__ import annotations
 
 import copy
@@ -165,8 +166,14 @@ def test_neighbour_graph_edges():
     edge_index, length = build_neighbour_graph(2, offsets, nbr_batch, radius_um=6.0)
     edges = {(s, t): d for (s, t), d in zip(edge_index.T.tolist(), length.tolist())}
     expected = {
-        (0, 2): 5.0, (2, 0): 5.0, (0, 3): 10.0, (3, 0): 10.0, (1, 4): 30.0, (4, 1): 30.0,  # spokes
-        (2, 3): 5.0, (3, 2): 5.0,  # neighbours 5 µm apart, within 6 µm
+        (0, 2): 5.0,
+        (2, 0): 5.0,
+        (0, 3): 10.0,
+        (3, 0): 10.0,
+        (1, 4): 30.0,
+        (4, 1): 30.0,  # spokes
+        (2, 3): 5.0,
+        (3, 2): 5.0,  # neighbours 5 µm apart, within 6 µm
         **{(i, i): 0.0 for i in range(5)},
     }
     assert edges.keys() == expected.keys()

@@ -12,6 +12,7 @@ crop colour is tied to the cell's leading gene token:
 * two "nodes" of one rank each, started by two launchers (`--no_ssh --node_rank`, master on
   127.0.0.1): the ranks read disjoint shards every epoch and end with identical weights.
 """
+
 from __future__ import annotations
 
 import io
@@ -55,10 +56,19 @@ RUN_TIMEOUT_S = 600  # the very first DeepSpeed start on a machine JIT-builds it
 
 # Smaller than the demo: a step takes a fraction of a second on a shared 2-core machine.
 TINY = [
-    "model.image.kwargs.depth=1", "model.image.kwargs.embed_dim=32", "model.image.kwargs.num_heads=2",
-    "model.cell.dim=32", "model.cell.ff_dim=64", "model.cell.layers=1", "model.graph.hidden=32",
-    "model.proj_dim=32", "train.micro_batch_size=8", "data.shuffle_buffer=16", "log.every_steps=1",
-    "checkpoint.keep_last=null", "debug.log_samples=true",
+    "model.image.kwargs.depth=1",
+    "model.image.kwargs.embed_dim=32",
+    "model.image.kwargs.num_heads=2",
+    "model.cell.dim=32",
+    "model.cell.ff_dim=64",
+    "model.cell.layers=1",
+    "model.graph.hidden=32",
+    "model.proj_dim=32",
+    "train.micro_batch_size=8",
+    "data.shuffle_buffer=16",
+    "log.every_steps=1",
+    "checkpoint.keep_last=null",
+    "debug.log_samples=true",
 ]
 
 
@@ -94,9 +104,15 @@ def make_planted_shards(root: Path, n_samples: int, samples_per_shard: int, seed
         writer.add(i, encode_sample(f"s0_{i:05d}", _jpeg(image), tokens, nbr_tokens, offsets, meta))
     shards = writer.finish()
     vocabulary = {"path": "vocab.tsv", "sha256": "0" * 64, "size": N_GENES}
-    write_json(slide_dir / SLIDE_MANIFEST_NAME, {
-        "slide": "s0", "vocabulary_sha256": vocabulary["sha256"], "n_samples": n_samples, "shards": shards,
-    })
+    write_json(
+        slide_dir / SLIDE_MANIFEST_NAME,
+        {
+            "slide": "s0",
+            "vocabulary_sha256": vocabulary["sha256"],
+            "n_samples": n_samples,
+            "shards": shards,
+        },
+    )
     merge_manifests(root, vocabulary, {"tokens": {"context_length": CONTEXT}})
     key_to_shard = {}
     for shard in shards:
@@ -128,7 +144,9 @@ def _start(launcher_args: list[str], overrides: list[str], log_path: Path) -> su
     cmd = [str(DEEPSPEED), *launcher_args, str(ROOT / "launch" / "pretrain.py"), "--config", str(CONFIG), *overrides]
     log_file = open(log_path, "ab")
     # Own session: the whole launcher process group (launcher, ranks, loader workers) can be killed at once.
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=_env(), stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def _wait(proc: subprocess.Popen, log_path: Path, timeout: float = RUN_TIMEOUT_S) -> None:
@@ -211,7 +229,9 @@ class _FakeEngine:
     def save_checkpoint(self, save_dir, tag, client_state, save_latest):
         self.calls.append((tag, save_latest))
         (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
-        (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"half" if tag == self.crash_on_tag else b"full")
+        (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(
+            b"half" if tag == self.crash_on_tag else b"full"
+        )
         if tag == self.crash_on_tag:
             raise KeyboardInterrupt("killed while writing")  # what a crash mid-save looks like from here
 
@@ -264,7 +284,9 @@ def test_pruning_keeps_the_newest_and_never_the_published_tag(tmp_path):
 
 
 def test_no_weight_decay_on_biases_norms_positions_and_temperature():
-    module = PASTTrainingModule(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4)), LearnableTemperature())
+    module = PASTTrainingModule(
+        torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4)), LearnableTemperature()
+    )
     module.model.register_parameter("position_embedding", torch.nn.Parameter(torch.zeros(5, 4)))
     decay, no_decay = parameter_groups(module, 0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
@@ -275,10 +297,13 @@ def test_no_weight_decay_on_biases_norms_positions_and_temperature():
 
 
 def test_deepspeed_config_takes_batch_clipping_and_precision_from_the_train_section(tmp_path):
-    cfg = apply_schema(PretrainConfig, {
-        "deepspeed": {"config": str(ROOT / "configs/deepspeed/zero2.json")},
-        "train": {"micro_batch_size": 16, "grad_accumulation": 4, "grad_clip": 0.5},
-    })
+    cfg = apply_schema(
+        PretrainConfig,
+        {
+            "deepspeed": {"config": str(ROOT / "configs/deepspeed/zero2.json")},
+            "train": {"micro_batch_size": 16, "grad_accumulation": 4, "grad_clip": 0.5},
+        },
+    )
     ds = build_deepspeed_config(cfg, world_size=8, bf16=True)
     assert ds["train_batch_size"] == 16 * 4 * 8 and ds["gradient_accumulation_steps"] == 4
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is True
@@ -300,8 +325,12 @@ def test_two_ranks_train_and_resume_after_sigkill_at_the_same_step_lr_and_data(t
     make_planted_shards(shards, n_samples=240, samples_per_shard=30)  # 8 shards
     out = tmp_path / "run"
     steps_per_epoch, epochs, every = 240 // (8 * 2), 2, 4  # 15 optimizer steps per epoch
-    overrides = TINY + [f"data.manifest={shards / 'manifest.json'}", f"out_dir={out}", f"train.epochs={epochs}",
-                        f"checkpoint.every_steps={every}"]
+    overrides = TINY + [
+        f"data.manifest={shards / 'manifest.json'}",
+        f"out_dir={out}",
+        f"train.epochs={epochs}",
+        f"checkpoint.every_steps={every}",
+    ]
     log_path = tmp_path / "launcher.log"
     launcher = ["--num_gpus", "2", "--master_port", str(_free_port())]
 
@@ -311,7 +340,8 @@ def test_two_ranks_train_and_resume_after_sigkill_at_the_same_step_lr_and_data(t
     def trained_past_first_checkpoint() -> bool:
         logs = [out / "debug" / f"samples_rank{r}.jsonl" for r in (0, 1)]
         return ckpt.read_latest(out / "checkpoints") is not None and all(
-            p.is_file() and any(r["step"] > every for r in _read_jsonl(p)) for p in logs)
+            p.is_file() and any(r["step"] > every for r in _read_jsonl(p)) for p in logs
+        )
 
     # Kill once the first checkpoint is published and both ranks are into the next step, so that
     # the killed run also shows what an uninterrupted run did after the checkpoint.
@@ -326,7 +356,9 @@ def test_two_ranks_train_and_resume_after_sigkill_at_the_same_step_lr_and_data(t
     saved = json.loads((out / "checkpoints" / tag / ckpt.CLIENT_STATE_NAME).read_text())
     assert saved["step"] % steps_per_epoch != 0 and saved["epoch"] == 0, "killed after a mid-epoch checkpoint"
     assert tag == ckpt.tag_for_step(saved["step"]) and saved["micro_in_epoch"] == saved["step"]
-    states = torch.load(out / "checkpoints" / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    states = torch.load(
+        out / "checkpoints" / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+    )
     assert "temperature.logit_scale" in states["module"] and states["step"] == saved["step"]  # `latest` loads
     before = {r: _read_jsonl(out / "debug" / f"samples_rank{r}.jsonl") for r in (0, 1)}
 
@@ -335,11 +367,16 @@ def test_two_ranks_train_and_resume_after_sigkill_at_the_same_step_lr_and_data(t
 
     total = epochs * steps_per_epoch
     train_cfg = OmegaConf.load(CONFIG).train
-    kw = dict(peak_lr=train_cfg.lr, warmup_steps=steps_per_epoch, total_steps=total, start_lr=train_cfg.start_lr,
-              final_lr=train_cfg.final_lr)
+    kw = dict(
+        peak_lr=train_cfg.lr,
+        warmup_steps=steps_per_epoch,
+        total_steps=total,
+        start_lr=train_cfg.start_lr,
+        final_lr=train_cfg.final_lr,
+    )
     for rank in (0, 1):
         records = _read_jsonl(out / "debug" / f"samples_rank{rank}.jsonl")
-        resumed = records[len(before[rank]):]
+        resumed = records[len(before[rank]) :]
         first_new = resumed[0]
         assert first_new["step"] == saved["step"] + 1
         assert first_new["epoch"] == saved["epoch"] and first_new["micro"] == saved["micro_in_epoch"]
@@ -360,8 +397,11 @@ def test_two_ranks_train_and_resume_after_sigkill_at_the_same_step_lr_and_data(t
     assert final["step"] == total and final["chance"] == pytest.approx(1 / 16)
     assert 0.0 <= final["retrieval_top1_img_to_cell"] <= 1.0 and math.isfinite(final["loss"])
     weights_at = {
-        step: torch.load(out / "checkpoints" / ckpt.tag_for_step(step) / "mp_rank_00_model_states.pt",
-                         map_location="cpu", weights_only=False)["module"]
+        step: torch.load(
+            out / "checkpoints" / ckpt.tag_for_step(step) / "mp_rank_00_model_states.pt",
+            map_location="cpu",
+            weights_only=False,
+        )["module"]
         for step in (saved["step"], total)
     }
     changed = [k for k in weights_at[total] if not torch.equal(weights_at[total][k], weights_at[saved["step"]][k])]
@@ -371,9 +411,17 @@ def test_two_ranks_train_and_resume_after_sigkill_at_the_same_step_lr_and_data(t
 
     events = EventAccumulator(str(out / "tensorboard")).Reload()
     tags = set(events.Tags()["scalars"])
-    for name in ("train/loss", "train/temperature", "train/lr", "train/retrieval_top1_img_to_cell",
-                 "train/retrieval_top1_cell_to_img", "throughput/samples_per_s", "time/data_wait_s_mean",
-                 "throughput_per_rank/samples_per_s_rank000", "throughput_per_rank/samples_per_s_rank001"):
+    for name in (
+        "train/loss",
+        "train/temperature",
+        "train/lr",
+        "train/retrieval_top1_img_to_cell",
+        "train/retrieval_top1_cell_to_img",
+        "throughput/samples_per_s",
+        "time/data_wait_s_mean",
+        "throughput_per_rank/samples_per_s_rank000",
+        "throughput_per_rank/samples_per_s_rank001",
+    ):
         assert name in tags, name
     lr_steps = {e.step: e.value for e in events.Scalars("train/lr")}
     assert lr_steps[total] == pytest.approx(warmup_cosine_lr(total - 1, **kw), rel=1e-5)
@@ -388,12 +436,28 @@ def test_two_nodes_of_one_rank_read_disjoint_shards_and_end_with_identical_weigh
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     port = _free_port()
-    overrides = TINY + [f"data.manifest={shards / 'manifest.json'}", f"out_dir={out}", "train.epochs=2",
-                        "checkpoint.every_steps=0", "debug.dump_final_weights=true"]
+    overrides = TINY + [
+        f"data.manifest={shards / 'manifest.json'}",
+        f"out_dir={out}",
+        "train.epochs=2",
+        "checkpoint.every_steps=0",
+        "debug.dump_final_weights=true",
+    ]
     procs = []
     for node in (0, 1):
-        launcher = ["--hostfile", str(hostfile), "--no_ssh", "--num_nodes", "2", "--node_rank", str(node),
-                    "--master_addr", "127.0.0.1", "--master_port", str(port)]
+        launcher = [
+            "--hostfile",
+            str(hostfile),
+            "--no_ssh",
+            "--num_nodes",
+            "2",
+            "--node_rank",
+            str(node),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+        ]
         log_path = tmp_path / f"node{node}.log"
         procs.append((_start(launcher, overrides, log_path), log_path))
     for proc, log_path in procs:
@@ -401,7 +465,9 @@ def test_two_nodes_of_one_rank_read_disjoint_shards_and_end_with_identical_weigh
 
     records = {r: _read_jsonl(out / "debug" / f"samples_rank{r}.jsonl") for r in (0, 1)}
     for epoch in (0, 1):
-        read = {r: {key_to_shard[k] for rec in records[r] if rec["epoch"] == epoch for k in rec["keys"]} for r in (0, 1)}
+        read = {
+            r: {key_to_shard[k] for rec in records[r] if rec["epoch"] == epoch for k in rec["keys"]} for r in (0, 1)
+        }
         assert read[0] and read[1]
         assert not read[0] & read[1], f"epoch {epoch}: both ranks read {read[0] & read[1]}"
     assert [r["step"] for r in records[0]] == [r["step"] for r in records[1]] == list(range(1, 13))
