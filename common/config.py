@@ -33,14 +33,9 @@ from .atomic import atomic_path
 from .errors import InputError
 
 
-def load_config(
-    path: str | Path | None, overrides: Sequence[str] = (), schema: type | None = None, defaults: dict | None = None
-) -> DictConfig:
-    """Merge the schema's defaults < YAML file < dot-list overrides, check against ``schema``, resolve.
-
-    ``defaults`` (an untyped dict merged first, nothing checked) is the route being retired: pass a schema.
-    """
-    cfg = OmegaConf.create(defaults or {})
+def load_config(path: str | Path | None, overrides: Sequence[str] = (), *, schema: type) -> DictConfig:
+    """Merge the schema's defaults < YAML file < dot-list overrides, check against ``schema``, resolve."""
+    cfg = OmegaConf.create({})
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -60,10 +55,9 @@ def load_config(
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
         except OmegaConfBaseException as exc:
             raise InputError(None, "command line", "overrides of the form key=value", _first_line(exc)) from exc
-    if schema is not None:
-        # Name where the settings came from; with overrides the key may be in either.
-        source = " + ".join(([str(path)] if path is not None else []) + (["command line"] if overrides else []))
-        cfg = apply_schema(schema, cfg, source=source)
+    # Name where the settings came from; with overrides the key may be in either.
+    source = " + ".join(([str(path)] if path is not None else []) + (["command line"] if overrides else [])) or None
+    cfg = apply_schema(schema, cfg, source=source)
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
