@@ -110,12 +110,6 @@ def _check_centres(centres_px: np.ndarray, path) -> np.ndarray:
     return finite_points(centres_px, path, "cell centres (x, y) [level-0 px]")
 
 
-def _tile_hw(slide: Slide, level: int) -> tuple[int, int]:
-    """(height, width) of one stored tile (or strip) at ``level``: the unit the decoder works in."""
-    chunks = slide._array(level).chunks  # Slide has no public accessor; zarr chunks = TIFF tiles
-    return int(chunks[0]), int(chunks[1])
-
-
 def _nominal_downsample_xy(slide: Slide, level: int) -> tuple[float, float]:
     """Level-0 pixels per pixel of ``level`` along (x, y).
 
@@ -243,7 +237,7 @@ class CropReader:
         return CropPlan(self.level, window, (kh, kw), crop_uv, outside, order.astype(np.int64), (bh, bw))
 
     def _block_hw(self) -> tuple[int, int]:
-        th, tw = _tile_hw(self.slide, self.level)
+        th, tw = self.slide.tile_hw(self.level)
         kh, kw = self.window_hw
         bh = th * max(math.ceil(self.block_px / th), math.ceil(kh / th))
         bw = tw * max(math.ceil(self.block_px / tw), math.ceil(kw / tw))
@@ -279,7 +273,7 @@ class CropReader:
         except InputError:
             if self.on_read_error == "raise":
                 raise
-        th, tw = _tile_hw(self.slide, self.level)
+        th, tw = self.slide.tile_hw(self.level)
         out = np.full((height, width, 3), FILL, dtype=np.uint8)
         for ty in range(y0, y0 + height, th):
             for tx in range(x0, x0 + width, tw):

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import shutil
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -40,14 +41,14 @@ from .crops import CropReader
 from .manifest import SLIDE_MANIFEST_NAME, merge_manifests
 from .neighbours import find_neighbours, neighbour_sample
 from .qc import apply_filters, on_tissue, tissue_mask
-from .register import Registration, register_bundle
+from .register import Registration, check_bundle_identity, register_bundle
 from .sample import encode_jpeg, encode_sample
 from .schema import DataConfig, slide_register_config
 from .slide import Slide
 from .tokenize import compute_tech_mean, load_tech_mean, rank_tokens_with_report, save_tech_mean
 from .vocabulary import Vocabulary
 from .writer import ShuffledShardWriter, plan_shards
-from .xenium import read_xenium
+from .xenium import CELLS_FILES, check_bundle, read_xenium
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,7 @@ log = logging.getLogger(__name__)
 def _input_fingerprint(slide: dict) -> list:
     """Size and modification time of the slide's input files: a rewritten bundle is sharded again."""
     bundle = Path(slide["bundle"])
-    paths = [
-        bundle / name for name in ("cells.parquet", "cells.csv.gz", "cell_feature_matrix.h5", "transcripts.parquet")
-    ]
+    paths = [bundle / name for name in (*CELLS_FILES, "cell_feature_matrix.h5", "transcripts.parquet")]
     paths.append(bundle / slide.get("he_slide", "he/post_xenium_he.ome.tif"))
     if slide.get("registration"):
         paths.append(Path(slide["registration"]))
@@ -91,6 +90,51 @@ def offsets_in_crop_frame(neighbours, he_px: np.ndarray, he_um_per_px: float) ->
     return offsets.astype(np.float32)
 
 
+def check_output_folder(path: str | Path, field: str = "out_dir") -> Path:
+    """``path`` as a Path, once it is a folder or can be made one; nothing is created here.
+
+    A file at ``path`` or at one of its parents would otherwise surface as a raw
+    NotADirectoryError / FileExistsError from the first write, after inputs were read.
+    """
+    path = Path(path)
+    for folder in (path, *path.parents):
+        if folder.is_dir():
+            break
+        if folder.exists() or folder.is_symlink():
+            raise InputError(path, field, "a folder, or a path where one can be made", f"a file at {folder}")
+    return path
+
+
+def _preflight_slide(slide: DictConfig, cfg: DictConfig, scratch: Path, fit: bool = True) -> Path | None:
+    """Check that every input of one slide opens, before the build writes anything.
+
+    The bundle's files (:func:`data_shards.xenium.check_bundle`), the H&E slide, and the
+    registration: a saved one loads and passes its checks; otherwise it is fitted (and checked)
+    into ``scratch/registration`` when ``fit``, and that folder is returned for ``shard_slide``
+    to reuse instead of fitting again.
+    """
+    bundle = check_bundle(slide.bundle, matrix=cfg.matrix)
+    with _open_he_slide(bundle, slide):
+        pass
+    if not slide.get("registration") and not fit:
+        return None
+    _registration_for(slide, cfg, bundle, scratch)
+    return None if slide.get("registration") else scratch / "registration"
+
+
+def _open_he_slide(bundle: Path, slide: DictConfig) -> Slide:
+    """The slide's H&E image, opened the same way by the input check, the registration and the sharding
+    (with the slide entry's ``he_um_per_px`` override, for slides whose metadata lacks or misstates it)."""
+    return Slide(bundle / slide.get("he_slide", "he/post_xenium_he.ome.tif"), um_per_px=slide.get("he_um_per_px"))
+
+
+def _registration_from_folder(folder: Path) -> tuple[Registration, dict]:
+    """A registration fitted by ``_preflight_slide`` and its quality report."""
+    report_path = folder / "registration_report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    return Registration.from_json(folder / "registration.json"), report
+
+
 def _check_slide_entry(slide: DictConfig, index: int) -> None:
     for key in ("id", "bundle"):
         if not slide.get(key):
@@ -116,6 +160,7 @@ def _registration_for(slide: DictConfig, cfg: DictConfig, bundle: Path, stage_di
                 "no such file",
             )
         registration = Registration.from_json(path)
+        check_bundle_identity(registration.identity, bundle, path)  # not another bundle's registration.json
         report_path = path.with_name("registration_report.json")
         report = json.loads(report_path.read_text()) if report_path.is_file() else {}
         return registration, report
@@ -169,9 +214,18 @@ def _sample_meta(
 
 
 def shard_slide(
-    slide: DictConfig, cfg: DictConfig, vocab: Vocabulary, tech_mean: np.ndarray | None, shard_dir: Path
+    slide: DictConfig,
+    cfg: DictConfig,
+    vocab: Vocabulary,
+    tech_mean: np.ndarray | None,
+    shard_dir: Path,
+    fitted_registration: Path | None = None,
 ) -> dict:
-    """Write ``shard_dir/<slide.id>/`` (shards, slide manifest, QC and registration reports)."""
+    """Write ``shard_dir/<slide.id>/`` (shards, slide manifest, QC and registration reports).
+
+    ``fitted_registration``: a folder the build's input check already fitted this slide's
+    registration into; it is copied into the slide folder instead of fitting again.
+    """
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -187,12 +241,16 @@ def shard_slide(
     with atomic_dir(final_dir) as stage:
         adata = read_xenium(bundle, matrix=cfg.matrix, min_qv=cfg.min_qv)
         lap("read")
-        registration, registration_report = _registration_for(slide, cfg, bundle, stage)
+        if fitted_registration is not None:
+            shutil.copytree(fitted_registration, stage / "registration")
+            registration, registration_report = _registration_from_folder(stage / "registration")
+        else:
+            registration, registration_report = _registration_for(slide, cfg, bundle, stage)
         xy_um = adata.obsm["spatial"].astype(np.float64)  # (n_cells, 2) µm
         he_px = registration.map(xy_um)  # (n_cells, 2) H&E level-0 px
         regions = registration.region_of(xy_um)
         lap("register")
-        with Slide(bundle / slide.get("he_slide", "he/post_xenium_he.ome.tif")) as image:
+        with _open_he_slide(bundle, slide) as image:
             qc = _qc(adata, he_px, image, cfg.qc)
             keep = np.flatnonzero(qc.keep)
             if len(keep) == 0:
@@ -316,23 +374,37 @@ def _panel_vocabulary(cfg: DictConfig) -> Vocabulary:
     return Vocabulary.from_genes(ids, symbols, source="panel")
 
 
-def prepare_vocabulary(cfg: DictConfig, shard_dir: Path) -> tuple[Vocabulary, np.ndarray | None, dict, dict | None]:
-    """The vocabulary and technology mean every slide is tokenized with, saved beside the shards."""
+def compute_vocabulary(cfg: DictConfig) -> tuple[Vocabulary, np.ndarray | None, dict, dict | None]:
+    """The vocabulary and technology mean every slide is tokenized with, in memory (nothing written).
+
+    Returns (vocab, tech_mean, vocab_info, mean_info); :func:`save_vocabulary` writes them.
+    """
     vocab = _panel_vocabulary(cfg) if cfg.vocab == "panel" else Vocabulary.from_file(cfg.vocab)
-    vocab_path = vocab.save(shard_dir / "vocab.tsv")
-    vocab_info = {"path": vocab_path.name, "sha256": vocab.sha256(), "size": len(vocab), "source": str(cfg.vocab)}
+    vocab_info = {"path": "vocab.tsv", "sha256": vocab.sha256(), "size": len(vocab), "source": str(cfg.vocab)}
     tech_mean = None
     mean_info = None
     if cfg.tech_mean == "compute":
         # The non-zero mean pools the cells of all slides; slides are read one at a time.
         slides = (read_xenium(slide.bundle, matrix=cfg.matrix, min_qv=cfg.min_qv) for slide in cfg.slides)
         tech_mean = compute_tech_mean(slides, vocab)
-        save_tech_mean(shard_dir / "tech_mean.npy", tech_mean)
         mean_info = {"path": "tech_mean.npy", "source": "computed from the training cells"}
     elif cfg.tech_mean:
         tech_mean = load_tech_mean(cfg.tech_mean, vocab)
-        save_tech_mean(shard_dir / "tech_mean.npy", tech_mean)
         mean_info = {"path": "tech_mean.npy", "source": str(cfg.tech_mean)}
+    return vocab, tech_mean, vocab_info, mean_info
+
+
+def save_vocabulary(shard_dir: Path, vocab: Vocabulary, tech_mean: np.ndarray | None) -> None:
+    """Write ``vocab.tsv`` (and ``tech_mean.npy`` when there is one) beside the shards, each atomically."""
+    vocab.save(shard_dir / "vocab.tsv")
+    if tech_mean is not None:
+        save_tech_mean(shard_dir / "tech_mean.npy", tech_mean)
+
+
+def prepare_vocabulary(cfg: DictConfig, shard_dir: Path) -> tuple[Vocabulary, np.ndarray | None, dict, dict | None]:
+    """The vocabulary and technology mean every slide is tokenized with, saved beside the shards."""
+    vocab, tech_mean, vocab_info, mean_info = compute_vocabulary(cfg)
+    save_vocabulary(shard_dir, vocab, tech_mean)
     return vocab, tech_mean, vocab_info, mean_info
 
 
@@ -358,61 +430,85 @@ def merge(cfg: DictConfig) -> dict:
 
 
 def prepare(cfg: DictConfig) -> dict:
-    """Write the shared vocabulary and technology mean (before a SLURM array job)."""
+    """Write the shared vocabulary and technology mean (before a SLURM array job).
+
+    Every slide's bundle, H&E slide and saved registration are checked first (registrations
+    are fitted by the array tasks), so a bad input stops the job before anything is written.
+    """
     cfg = apply_schema(DataConfig, cfg)
-    shard_dir = Path(cfg.out_dir)
+    for i, slide in enumerate(cfg.slides):
+        _check_slide_entry(slide, i)
+    shard_dir = check_output_folder(cfg.out_dir)
+    vocab, tech_mean, vocab_info, mean_info = compute_vocabulary(cfg)
+    with tempfile.TemporaryDirectory(prefix="make_shards_inputs_") as scratch:
+        for slide in cfg.slides:
+            _preflight_slide(slide, cfg, Path(scratch) / str(slide.id), fit=False)
     shard_dir.mkdir(parents=True, exist_ok=True)
-    _, _, vocab_info, mean_info = prepare_vocabulary(cfg, shard_dir)
+    save_vocabulary(shard_dir, vocab, tech_mean)
     return {"vocabulary": vocab_info, "tech_mean": mean_info}
 
 
 def _shard_slide_job(args: tuple) -> dict:
-    slide, cfg, vocab_path, tech_mean, shard_dir = args
+    slide, cfg, vocab_path, tech_mean, shard_dir, fitted = args
     setup_logging()
     slide, cfg = OmegaConf.create(slide), OmegaConf.create(cfg)
-    return shard_slide(slide, cfg, Vocabulary.from_file(vocab_path), tech_mean, Path(shard_dir))
+    fitted = None if fitted is None else Path(fitted)
+    return shard_slide(slide, cfg, Vocabulary.from_file(vocab_path), tech_mean, Path(shard_dir), fitted)
 
 
 def build_shards(cfg: DictConfig) -> dict | None:
-    """Shard every configured slide (skipping completed ones) and merge the manifest."""
+    """Shard every configured slide (skipping completed ones) and merge the manifest.
+
+    Inputs are checked before anything is written: the output folder can be made, the
+    vocabulary and technology mean are computed in memory, and every slide to shard has its
+    bundle, H&E slide and registration checked (registrations are fitted here, once, and
+    reused). Only then are the config copy, ``vocab.tsv`` and ``tech_mean.npy`` written.
+    """
     cfg = apply_schema(DataConfig, cfg)
     if not cfg.slides:
         raise InputError(None, "slides", "at least one slide entry {id, bundle, ...}", "none")
     for i, slide in enumerate(cfg.slides):
         _check_slide_entry(slide, i)
-    shard_dir = Path(cfg.out_dir)
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, shard_dir / "make_shards_config.yaml")
+    shard_dir = check_output_folder(cfg.out_dir)
     if cfg.only_slides is not None:
         # An array task: every task must tokenize with the same prepared vocabulary and mean.
         vocab, tech_mean, vocab_info, mean_info = load_prepared(shard_dir)
     else:
-        vocab, tech_mean, vocab_info, mean_info = prepare_vocabulary(cfg, shard_dir)
+        vocab, tech_mean, vocab_info, mean_info = compute_vocabulary(cfg)
 
     wanted = [s for s in cfg.slides if cfg.only_slides is None or str(s.id) in {str(x) for x in cfg.only_slides}]
     todo = [s for s in wanted if not _slide_done(shard_dir, s, cfg, vocab.sha256())]
     for s in wanted:
         if s not in todo:
             log.info("slide %s already sharded with this config: skipped", s.id)
-    for stale in shard_dir.glob(".*.partial"):
-        shutil.rmtree(stale, ignore_errors=True)  # left by a crashed run; never read
 
-    jobs = [
-        (
-            OmegaConf.to_container(s, resolve=True),
-            OmegaConf.to_container(cfg, resolve=True),
-            str(shard_dir / vocab_info["path"]),
-            tech_mean,
-            str(shard_dir),
-        )
-        for s in todo
-    ]
-    if int(cfg.workers) > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=int(cfg.workers)) as pool:
-            list(pool.map(_shard_slide_job, jobs))
-    else:
-        for slide in todo:
-            shard_slide(slide, cfg, vocab, tech_mean, shard_dir)
+    with tempfile.TemporaryDirectory(prefix="make_shards_inputs_") as scratch:
+        fitted = [_preflight_slide(s, cfg, Path(scratch) / str(s.id)) for s in todo]
+        # Every input passed: from here on the build writes.
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, shard_dir / "make_shards_config.yaml")
+        if cfg.only_slides is None:
+            save_vocabulary(shard_dir, vocab, tech_mean)
+        for stale in shard_dir.glob(".*.partial"):
+            shutil.rmtree(stale, ignore_errors=True)  # left by a crashed run; never read
+
+        jobs = [
+            (
+                OmegaConf.to_container(s, resolve=True),
+                OmegaConf.to_container(cfg, resolve=True),
+                str(shard_dir / vocab_info["path"]),
+                tech_mean,
+                str(shard_dir),
+                None if folder is None else str(folder),
+            )
+            for s, folder in zip(todo, fitted)
+        ]
+        if int(cfg.workers) > 1 and len(jobs) > 1:
+            with ProcessPoolExecutor(max_workers=int(cfg.workers)) as pool:
+                list(pool.map(_shard_slide_job, jobs))
+        else:
+            for slide, folder in zip(todo, fitted):
+                shard_slide(slide, cfg, vocab, tech_mean, shard_dir, folder)
     if not cfg.merge:
         return None
     return merge_manifests(shard_dir, vocab_info, OmegaConf.to_container(cfg, resolve=True), mean_info)

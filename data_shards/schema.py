@@ -47,7 +47,9 @@ class BundleConfig:
 class RegisterConfig:
     """One bundle's registration (``data_shards.register.register_bundle``); paths relative to the bundle."""
 
-    keypoints: Optional[str] = "he/keypoints.csv"  # Explorer keypoints: fixedX,fixedY (µm), alignmentX,alignmentY (px)
+    # Explorer keypoints: fixedX,fixedY (Xenium morphology px, see keypoints_fixed_unit), alignmentX,alignmentY (H&E px)
+    keypoints: Optional[str] = "he/keypoints.csv"
+    keypoints_fixed_unit: str = "morphology_px"  # fixedX,fixedY unit: "morphology_px" (as Explorer writes) or "um"
     alignment: Optional[str] = None  # optional Explorer alignment CSV; when set it is used instead of fitting
     n_regions: int = 1  # keypoint regions by spatial k-means; 1 = one global transform
     blend: bool = False  # smooth Gaussian mix of neighbouring regions instead of the nearest region
@@ -60,7 +62,19 @@ class RegisterConfig:
     )
     he_slide: str = DEFAULT_HE_SLIDE  # pyramidal H&E, for the overlay and its µm/px
     he_um_per_px: Optional[float] = None  # override the slide's metadata (µm per level-0 pixel)
-    xenium_pixel_size_um: float = 0.2125  # morphology-image pixel size, for the alignment CSV
+    # morphology-image µm/px for fixedX,fixedY and the alignment CSV; null = experiment.xenium's pixel_size
+    # (0.2125, Xenium's, when the bundle has no experiment.xenium)
+    xenium_pixel_size_um: Optional[float] = None
+    # refuse when the fitted H&E µm/px (keypoints or alignment) differs from the slide's metadata by more than
+    # this fraction: the sign of keypoints in the wrong unit, swapped columns or another slide; null = no check
+    max_um_per_px_error: Optional[float] = 0.15
+    # refuse when fewer than this fraction of the cells, mapped onto the H&E, land on tissue (keypoints or a
+    # matrix from another slide); null = no check
+    min_on_tissue_fraction: Optional[float] = 0.5
+    # refuse when mapped cells land on tissue little more often than chance: (on-tissue fraction - tissue share
+    # of the slide) / (1 - tissue share) below this (1 = all on tissue, 0 = chance); null = no check
+    min_on_tissue_excess: Optional[float] = 0.5
+    tissue_thumbnail_px: int = 2048  # side of the H&E thumbnail the on-tissue check's tissue mask is computed on
     random_state: int = 0  # k-means seed
 
 
@@ -79,6 +93,7 @@ class SlideConfig:
     bundle: Optional[str] = None  # the Xenium bundle folder (required)
     he_slide: str = DEFAULT_HE_SLIDE  # pyramidal H&E, relative to the bundle
     registration: Optional[str] = None  # registration.json saved by `make_shards.py register`; null = fit now
+    he_um_per_px: Optional[float] = None  # override the H&E's metadata (µm per level-0 px), for registration and crops
     meta: dict[str, Any] = field(default_factory=dict)  # copied into every sample's json (patient, cancer type...)
 
 
@@ -163,4 +178,6 @@ def slide_register_config(register: Any, slide: Any) -> dict:
     settings = dict(register)
     if not settings.get("he_slide"):
         settings["he_slide"] = slide.get("he_slide") or DEFAULT_HE_SLIDE
+    if slide.get("he_um_per_px") is not None:
+        settings["he_um_per_px"] = slide.get("he_um_per_px")
     return settings

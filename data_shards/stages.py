@@ -35,6 +35,7 @@ def run_make_bundle(cfg: DictConfig) -> dict:
     out_dir = section.pop("out_dir")
     if not out_dir:
         raise InputError(None, "bundle.out_dir", "the folder to write the bundle to", out_dir)
+    pipeline.check_output_folder(out_dir, "bundle.out_dir")
     mode = section.pop("mode")
     truth = make_bundle(out_dir, mode, **section)
     print(f"[bundle] {mode} bundle with {truth['n_cells']:,} cells written to {out_dir}")
@@ -54,6 +55,9 @@ def run_register(cfg: DictConfig) -> dict:
             Path(slide.registration).parent
             if slide.get("registration")
             else Path(cfg.out_dir) / "registration" / str(slide.id)
+        )
+        pipeline.check_output_folder(
+            out, f"slides[{slide.id}].registration" if slide.get("registration") else "out_dir"
         )
         reports[str(slide.id)] = register_bundle(slide.bundle, out, slide_register_config(cfg.register, slide))
         print(f"[register] {slide.id}: registration, report and overlay in {out}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -36,7 +37,15 @@ from common.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["read_xenium", "read_boundaries", "read_experiment", "MATRIX_SOURCES"]
+__all__ = [
+    "read_xenium",
+    "read_boundaries",
+    "read_experiment",
+    "cells_table_path",
+    "read_centroids_um",
+    "check_bundle",
+    "MATRIX_SOURCES",
+]
 
 EXPERIMENT_FILE = "experiment.xenium"
 MATRIX_FILE = "cell_feature_matrix.h5"
@@ -179,6 +188,52 @@ def read_xenium(
     return adata
 
 
+def check_bundle(bundle_dir: str | Path, matrix: str = "auto") -> Path:
+    """Check, without reading the counts, that :func:`read_xenium` can open the bundle; returns its folder.
+
+    ``experiment.xenium`` parses with a pixel size; the cells table is read in full (it is
+    small) and checked as ``read_xenium`` checks it; the count source opens: the .h5's header
+    and barcode list (as many as cells), or the transcripts' Parquet footer and columns. A
+    build calls this on every slide before it writes anything, so a bad file in the last
+    slide is reported before the first slide is sharded. Damage deep inside the counts is
+    found only when they are read.
+    """
+    if matrix not in MATRIX_SOURCES:
+        raise InputError(None, "matrix", f"one of {', '.join(repr(m) for m in MATRIX_SOURCES)}", repr(matrix))
+    bundle = _bundle_path(bundle_dir)
+    read_experiment(bundle)
+    cells, cells_path = _read_cells(bundle)
+    h5_path, transcripts_path = bundle / MATRIX_FILE, bundle / TRANSCRIPTS_FILE
+    if matrix == "h5" or (matrix == "auto" and h5_path.is_file()):
+        _require_file(h5_path, "the cell-feature matrix (needed for matrix='h5')")
+        try:
+            with _open_h5(h5_path) as handle:
+                _h5_features(handle, h5_path)
+                if "matrix/barcodes" not in handle:
+                    raise InputError(h5_path, "matrix/barcodes", "a 10x HDF5 v3 matrix dataset", "missing")
+                n_barcodes = len(handle["matrix/barcodes"])
+        except (OSError, RuntimeError) as error:
+            raise InputError(h5_path, None, "a readable 10x HDF5 v3 matrix", _damaged(error)) from None
+        if n_barcodes != len(cells):
+            raise InputError(
+                h5_path,
+                "matrix/barcodes",
+                f"one barcode for each cell of {cells_path.name}; "
+                f'pass matrix="transcripts" to rebuild counts from {TRANSCRIPTS_FILE}',
+                f"{len(cells)} cells in {cells_path.name}, {n_barcodes} barcodes in {h5_path.name}",
+            )
+    elif matrix == "transcripts" or transcripts_path.is_file():
+        _require_file(transcripts_path, "transcripts (needed for matrix='transcripts')")
+        try:
+            schema = pq.read_schema(transcripts_path)
+        except (pa.ArrowException, OSError) as error:
+            raise _unreadable(transcripts_path, error) from None
+        _require_columns(schema, transcripts_path, REQUIRED_TRANSCRIPT_COLUMNS)
+    else:
+        raise InputError(bundle, None, f"{MATRIX_FILE} or {TRANSCRIPTS_FILE} in the folder", "neither")
+    return bundle
+
+
 def read_experiment(bundle_dir: str | Path) -> dict:
     """The experiment.xenium JSON as a dict; ``pixel_size`` (µm/pixel) must be a positive number."""
     path = _bundle_path(bundle_dir) / EXPERIMENT_FILE
@@ -247,22 +302,51 @@ def _first_existing(folder: Path, names: Iterable[str]) -> Path | None:
     return next((folder / name for name in names if (folder / name).is_file()), None)
 
 
-def _read_table(path: Path) -> pa.Table:
+def _table_format(path: Path) -> str:
+    """What a table file must be, as the error message says it ("a readable Parquet file", ...)."""
+    if path.suffix == ".parquet":
+        return "a readable Parquet file"
+    return "a readable gzip-compressed CSV file" if path.name.endswith(".gz") else "a readable CSV file"
+
+
+def _unreadable(path: Path, error: BaseException) -> InputError:
+    # pyarrow's own text ("Parquet magic bytes not found in footer") names no file; say which one.
+    return InputError(path, None, _table_format(path), _damaged(error))
+
+
+def _damaged(error: BaseException) -> str:
+    """The library's reason on one line (some end in a newline), after what it means for the user."""
+    return f"a damaged or truncated file ({type(error).__name__}: {' '.join(str(error).split())})"
+
+
+def _read_table(path: Path, columns: Iterable[str] | None = None) -> pa.Table:
+    """The whole table, or only ``columns`` (each must be there) of a Parquet or CSV(.gz) file."""
+    wanted = None if columns is None else list(columns)
     try:
         if path.suffix == ".parquet":
-            return pq.read_table(path)
-        frame = pd.read_csv(path)
-    except (pa.ArrowException, OSError, ValueError, UnicodeDecodeError) as error:
-        raise InputError(path, None, "a readable table", f"{type(error).__name__}: {error}") from None
+            if wanted is not None:
+                _require_columns(pq.read_schema(path), path, wanted)
+            return pq.read_table(path, columns=wanted)
+        # round_trip: the value written, not pandas' faster parse that can be off in the last digit
+        usecols = None if wanted is None else (lambda c: c in wanted)
+        frame = pd.read_csv(path, usecols=usecols, float_precision="round_trip")
+    except (pa.ArrowException, OSError, EOFError, zlib.error, ValueError, UnicodeDecodeError) as error:
+        if isinstance(error, InputError):
+            raise
+        raise _unreadable(path, error) from None
     # R and pandas write their row numbers as an unnamed first column; it is not data.
     frame = frame.loc[:, [not re.fullmatch(r"Unnamed: \d+", str(c)) for c in frame.columns]]
-    return pa.Table.from_pandas(frame, preserve_index=False)
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    if wanted is not None:
+        _require_columns(table, path, wanted)
+    return table
 
 
-def _require_columns(table: pa.Table, path: Path, columns: Iterable[str]) -> None:
+def _require_columns(table: pa.Table | pa.Schema, path: Path, columns: Iterable[str]) -> None:
+    names = table.names if isinstance(table, pa.Schema) else table.column_names
     for column in columns:
-        if column not in table.column_names:
-            raise InputError(path, column, f"a column {column!r}", f"columns {table.column_names}")
+        if column not in names:
+            raise InputError(path, column, f"a column {column!r}", f"columns {names}")
 
 
 def _ids_as_str(ids: pa.Array | pa.ChunkedArray, path: Path, field: str) -> pa.ChunkedArray | pa.Array:
@@ -299,11 +383,42 @@ def _table_with_str_ids(table: pa.Table, path: Path) -> pa.Table:
     return table.set_column(index, "cell_id", ids)
 
 
-def _read_cells(bundle: Path) -> tuple[pd.DataFrame, Path]:
-    """The cells table indexed by cell id (str), columns as XOA wrote them."""
-    path = _first_existing(bundle, CELLS_FILES)
+def cells_table_path(bundle_dir: str | Path) -> Path:
+    """The bundle's cells table: ``cells.parquet``, else ``cells.csv.gz``, else ``cells.csv``.
+
+    Every reader of the cells (counts, registration overlay, input fingerprint) goes through
+    here, so a bundle that XOA wrote with the CSV only is read the same way everywhere.
+    """
+    bundle = _bundle_path(bundle_dir)
+    path = find_cells_table(bundle)
     if path is None:
         raise InputError(bundle / CELLS_FILES[0], None, f"the cells table ({' or '.join(CELLS_FILES)})", "missing")
+    return path
+
+
+def find_cells_table(bundle_dir: str | Path) -> Path | None:
+    """The bundle's cells table (as :func:`cells_table_path`), or None when there is none."""
+    return _first_existing(Path(bundle_dir), CELLS_FILES)
+
+
+def read_centroids_um(bundle_dir: str | Path) -> np.ndarray:
+    """(n_cells, 2) float64 ``x_centroid, y_centroid`` in µm, in the cells table's row order.
+
+    Reads only the two columns, so it is cheap on a million-cell table; NaN rows are kept
+    (the caller decides whether they matter).
+    """
+    path = cells_table_path(bundle_dir)
+    table = _read_table(path, columns=("x_centroid", "y_centroid"))
+    columns = []
+    for axis in ("x_centroid", "y_centroid"):
+        values = pd.to_numeric(table.column(axis).to_pandas(), errors="coerce").to_numpy(dtype=np.float64)
+        columns.append(values)
+    return np.column_stack(columns)
+
+
+def _read_cells(bundle: Path) -> tuple[pd.DataFrame, Path]:
+    """The cells table indexed by cell id (str), columns as XOA wrote them."""
+    path = cells_table_path(bundle)
     table = _read_table(path)
     _require_columns(table, path, REQUIRED_CELL_COLUMNS)
     if table.num_rows == 0:
@@ -355,7 +470,7 @@ def _open_h5(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except OSError as error:
-        raise InputError(path, None, "a 10x HDF5 v3 matrix", f"unreadable HDF5 ({error})") from None
+        raise InputError(path, None, "a readable 10x HDF5 v3 matrix", _damaged(error)) from None
 
 
 def _h5_features(handle: h5py.File, path: Path) -> pd.DataFrame:
@@ -375,6 +490,14 @@ def _h5_features(handle: h5py.File, path: Path) -> pd.DataFrame:
 
 def _read_h5_matrix(path: Path) -> tuple[sp.csr_matrix, np.ndarray, pd.DataFrame]:
     """(counts (n_barcodes, n_features) CSR, barcodes, features with gene_ids, name, feature_types)."""
+    try:
+        return _read_h5_matrix_unchecked(path)
+    except (OSError, RuntimeError) as error:
+        # h5py opens a file whose header is intact and fails only on the damaged dataset.
+        raise InputError(path, None, "a readable 10x HDF5 v3 matrix", _damaged(error)) from None
+
+
+def _read_h5_matrix_unchecked(path: Path) -> tuple[sp.csr_matrix, np.ndarray, pd.DataFrame]:
     with _open_h5(path) as handle:
         for name in ("data", "indices", "indptr", "shape", "barcodes"):
             if f"matrix/{name}" not in handle:
@@ -556,13 +679,26 @@ class _TranscriptCounter:
         return x
 
 
+def _record_batches(parquet: pq.ParquetFile, path: Path, **kwargs) -> Iterable[pa.RecordBatch]:
+    """``parquet.iter_batches(**kwargs)``; a damaged row group (the footer read fine) is an InputError."""
+    batches = parquet.iter_batches(**kwargs)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as error:
+            raise _unreadable(path, error) from None
+        yield batch
+
+
 def _counts_from_transcripts(
     path: Path, cell_ids: pd.Index, reference: dict[str, dict[str, str]], min_qv: float
 ) -> tuple[sp.csr_matrix, pd.DataFrame, dict[str, np.ndarray]]:
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as error:
-        raise InputError(path, None, "a readable parquet file", f"{type(error).__name__}: {error}") from None
+        raise _unreadable(path, error) from None
     available = parquet.schema_arrow.names
     for column in REQUIRED_TRANSCRIPT_COLUMNS:
         if column not in available:
@@ -574,8 +710,8 @@ def _counts_from_transcripts(
     tally = {"rows": 0, "low_qv": 0, "unassigned": 0, "other_cells": 0}
 
     progress = tqdm(total=parquet.metadata.num_rows, unit="transcript", desc=path.name, disable=None, leave=False)
-    for batch in parquet.iter_batches(
-        batch_size=TRANSCRIPT_BATCH_ROWS, columns=[*REQUIRED_TRANSCRIPT_COLUMNS, *optional]
+    for batch in _record_batches(
+        parquet, path, batch_size=TRANSCRIPT_BATCH_ROWS, columns=[*REQUIRED_TRANSCRIPT_COLUMNS, *optional]
     ):
         progress.update(batch.num_rows)
         tally["rows"] += batch.num_rows

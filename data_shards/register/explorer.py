@@ -1,7 +1,18 @@
 """Xenium Explorer's exports: the keypoints CSV and the image-alignment CSV.
 
-Keypoints: ``fixedX, fixedY`` on the Xenium side, ``alignmentX, alignmentY`` in H&E level-0
-pixels. Alignment: a 3x3 matrix mapping H&E level-0 px -> Xenium morphology-image px.
+Units, as Xenium Explorer writes them:
+
+- keypoints (``*_keypoints.csv``): ``fixedX, fixedY`` in Xenium **morphology-image pixels**
+  (the DAPI image, ``pixel_size`` µm each in ``experiment.xenium``, 0.2125 µm on every Xenium
+  run so far) and ``alignmentX, alignmentY`` in H&E level-0 pixels. A fixed coordinate times
+  ``pixel_size`` is the Xenium µm of cells.parquet; a real file's ``fixedY`` reaches tens of
+  thousands, impossible in µm on a Xenium slide.
+- alignment (``*_imagealignment.csv``): a 3x3 matrix mapping H&E level-0 px -> morphology px
+  (10x Genomics' knowledge-base article "How can I convert coordinates between H&E image and
+  Xenium data" multiplies its output by ``pixel_size`` to reach µm). Explorer fits it to the
+  keypoints, so both files share the morphology-pixel frame.
+
+Keypoints made by other tools may give the fixed side in µm: ``fixed_unit="um"``.
 """
 
 from __future__ import annotations
@@ -19,14 +30,35 @@ from .fit import RegistrationError, check_alignment_matrix
 
 XENIUM_PIXEL_SIZE_UM = 0.2125  # µm per Xenium morphology-image pixel (experiment.xenium pixel_size)
 KEYPOINT_COLUMNS = ("fixedX", "fixedY", "alignmentX", "alignmentY")
+# Units the fixed side of a keypoints file may be in: Explorer's own, or µm for files other tools made.
+FIXED_UNIT_MORPHOLOGY_PX = "morphology_px"
+FIXED_UNIT_UM = "um"
+KEYPOINT_FIXED_UNITS = (FIXED_UNIT_MORPHOLOGY_PX, FIXED_UNIT_UM)
 
 
-def read_explorer_keypoints(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Xenium Explorer keypoints CSV -> (fixed_xy, moving_xy), each float64 (n, 2).
+def read_explorer_keypoints(
+    path: str | Path,
+    pixel_size_um: float = XENIUM_PIXEL_SIZE_UM,
+    fixed_unit: str = FIXED_UNIT_MORPHOLOGY_PX,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Xenium Explorer keypoints CSV -> (fixed_um, moving_px), each float64 (n, 2).
 
-    fixed = ``fixedX, fixedY`` (Xenium µm); moving = ``alignmentX, alignmentY`` (H&E level-0 px).
+    fixed_um: ``fixedX, fixedY`` converted to Xenium µm (the frame of cells.parquet). Explorer
+    writes them in morphology-image pixels (``fixed_unit="morphology_px"``, the default), so they
+    are multiplied by ``pixel_size_um`` (the experiment's ``pixel_size``); ``fixed_unit="um"``
+    takes them as µm unchanged. moving_px: ``alignmentX, alignmentY``, H&E level-0 px, as written.
+    The reader converts (rather than returning pixels for the caller to scale) so that no caller
+    can forget the unit: everything downstream of this function is in µm.
     """
     path = Path(path)
+    if fixed_unit not in KEYPOINT_FIXED_UNITS:
+        raise InputError(path, "fixed_unit", " or ".join(KEYPOINT_FIXED_UNITS), fixed_unit)
+    try:
+        size_um = float(pixel_size_um)
+    except (TypeError, ValueError):
+        size_um = float("nan")
+    if not (np.isfinite(size_um) and size_um > 0):
+        raise InputError(path, "pixel_size_um", "a positive morphology-image µm/px", pixel_size_um)
     if not path.is_file():
         raise InputError(path, None, "an existing keypoints CSV", "no such file")
     try:
@@ -58,6 +90,8 @@ def read_explorer_keypoints(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             )
         values[column] = numeric
     fixed = np.column_stack([values["fixedX"], values["fixedY"]])
+    if fixed_unit == FIXED_UNIT_MORPHOLOGY_PX:
+        fixed = fixed * size_um  # morphology px -> µm
     moving = np.column_stack([values["alignmentX"], values["alignmentY"]])
     if len(fixed) < 3:
         raise RegistrationError(path, "rows", "at least 3 keypoint pairs", f"{len(fixed)}")

@@ -1,6 +1,7 @@
 """The registration object: one transform per keypoint region, Xenium µm -> H&E level-0 px, as in PAST.
 
-Keypoints are picked on both images (Xenium Explorer exports them as ``keypoints.csv``). A rigid
+Keypoints are picked on both images (Xenium Explorer exports them as ``keypoints.csv``, its fixed
+side in morphology pixels, which :func:`.explorer.read_explorer_keypoints` converts to µm). A rigid
 (Kabsch) or similarity (Umeyama) transform is fitted per keypoint set; several sets from distinct
 regions of the slide follow local tissue deformation that one global transform cannot. A single
 global fit and an imported Xenium Explorer ``imagealignment.csv`` are the one-region cases of the
@@ -75,6 +76,7 @@ class Registration:
         blend_sigma_um: float | None = None,
         source: str | None = None,
         rigid_um_per_px: float | None = None,
+        identity: dict | None = None,
     ):
         if not regions:
             raise ValueError("a Registration needs at least one region")
@@ -86,6 +88,8 @@ class Registration:
         # Rigid fits run in H&E px (fixed µm divided by this µm/px); None for similarity fits.
         self.rigid_um_per_px = None if rigid_um_per_px is None else float(rigid_um_per_px)
         self.blend_sigma_um = float(blend_sigma_um) if blend_sigma_um else self._default_sigma_um()
+        # The bundle it was fitted for (folder, run/region, sha256 of cells and inputs): see .identity.
+        self.identity = identity
 
     # ---- constructors -----------------------------------------------------------------------
 
@@ -286,6 +290,7 @@ class Registration:
             "blend": self.blend,
             "blend_sigma_um": self.blend_sigma_um,
             "he_um_per_px": self.he_um_per_px,
+            "bundle": self.identity,
             "global_transform": self.global_transform.tolist(),
             "regions": [
                 {
@@ -345,6 +350,7 @@ class Registration:
             blend_sigma_um=data.get("blend_sigma_um"),
             source=data.get("source"),
             rigid_um_per_px=data.get("rigid_um_per_px"),
+            identity=data.get("bundle") if isinstance(data.get("bundle"), dict) else None,
         )
 
     @classmethod

@@ -36,6 +36,17 @@ def format_table(report: dict) -> str:
         f"{number(overall['rms_um']):>8} {number(overall['max_um']):>8} "
         f"{number(overall['loo_rms_um']):>8} {number(overall['loo_max_um']):>8}"
     )
+    # The sanity checks' numbers (register_bundle adds them): H&E µm/px by source, cells on tissue.
+    sources = [("slide", "he_um_per_px_slide"), ("keypoints", "he_um_per_px_keypoints")]
+    sources.append(("alignment", "he_um_per_px_alignment"))
+    fits = [f"{name} {report[key]:.4f}" for name, key in sources if report.get(key) is not None]
+    if fits:
+        lines.append("H&E µm/px: " + ", ".join(fits))
+    if report.get("on_tissue_fraction") is not None:
+        lines.append(
+            f"cells on tissue: {100 * report['on_tissue_fraction']:.1f} % "
+            f"(tissue covers {100 * report.get('tissue_share_of_slide', float('nan')):.1f} % of the slide)"
+        )
     return "\n".join(lines)
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from common.atomic import write_json
 from common.config import apply_schema, save_config
@@ -15,57 +14,81 @@ from common.errors import InputError
 
 from ..schema import RegisterConfig
 from ..slide import Slide
-from .explorer import read_explorer_alignment, read_explorer_keypoints
+from ..xenium import EXPERIMENT_FILE, read_centroids_um, read_experiment
+from .checks import check_on_tissue, check_um_per_px, on_tissue_fraction, similarity_um_per_px
+from .explorer import KEYPOINT_FIXED_UNITS, XENIUM_PIXEL_SIZE_UM, read_explorer_alignment, read_explorer_keypoints
+from .identity import bundle_identity
 from .registration import Registration, check_report
 from .report import format_table, write_overlay
 
 log = logging.getLogger(__name__)
 
 
-def _read_cell_centroids_um(bundle_dir: Path) -> np.ndarray:
-    """(n_cells, 2) x_centroid, y_centroid in µm from cells.parquet."""
-    path = bundle_dir / "cells.parquet"
-    if not path.is_file():
-        raise InputError(path, None, "an existing cells.parquet", "no such file")
-    columns = pq.read_schema(path).names
-    missing = [c for c in ("x_centroid", "y_centroid") if c not in columns]
-    if missing:
-        raise InputError(
-            path, "columns", "x_centroid, y_centroid", f"missing {','.join(missing)}; found {','.join(columns)}"
-        )
-    table = pq.read_table(path, columns=["x_centroid", "y_centroid"])
-    xy = np.column_stack([table.column(c).to_numpy().astype(np.float64) for c in ("x_centroid", "y_centroid")])
+def read_cell_centroids_um(bundle_dir: str | Path) -> np.ndarray:
+    """(n_cells, 2) finite x_centroid, y_centroid in µm from the bundle's cells table.
+
+    Read by :func:`data_shards.xenium.read_centroids_um`, the one reader of the cells table
+    (cells.parquet, else cells.csv.gz / cells.csv), so a damaged file gives the same error here
+    as in ``read_xenium``.
+    """
+    xy = read_centroids_um(bundle_dir)
     return xy[np.isfinite(xy).all(axis=1)]
+
+
+def xenium_pixel_size_um(bundle_dir: Path, configured: float | None) -> float:
+    """Morphology-image µm/px: the config's, else experiment.xenium's ``pixel_size``, else Xenium's 0.2125."""
+    if configured is not None:
+        if not np.isfinite(configured) or configured <= 0:
+            raise InputError(None, "register.xenium_pixel_size_um", "a positive µm/px or null", configured)
+        return float(configured)
+    if (bundle_dir / EXPERIMENT_FILE).is_file():
+        return float(read_experiment(bundle_dir)["pixel_size"])
+    log.info("%s has no %s: morphology pixel size %.4g µm", bundle_dir, EXPERIMENT_FILE, XENIUM_PIXEL_SIZE_UM)
+    return XENIUM_PIXEL_SIZE_UM
 
 
 def register_bundle(bundle_dir: str | Path, out_dir: str | Path, cfg: Any = None) -> dict:
     """Fit, check, report and save the registration of one bundle; returns the quality report.
 
-    Writes ``registration.json`` (load with ``Registration.from_json``), ``registration_report.json``,
-    ``registration_overlay.png`` and ``register_config.yaml`` into ``out_dir``. Raises
-    InputError / RegistrationError before writing anything when inputs or accuracy are bad.
+    Writes ``registration.json`` (load with ``Registration.from_json``; it records the bundle's
+    identity), ``registration_report.json``, ``registration_overlay.png`` and ``register_config.yaml``
+    into ``out_dir``. Raises InputError / RegistrationError before writing anything when inputs are
+    bad or the registration is probably wrong: keypoint errors above ``max_rms_um`` / ``max_loo_um``,
+    a fitted H&E µm/px off the slide's metadata by more than ``max_um_per_px_error`` (keypoints in
+    the wrong unit, swapped columns), fewer than ``min_on_tissue_fraction`` of the mapped cells on
+    tissue (keypoints or matrix from another slide).
     """
     cfg = apply_schema(RegisterConfig, cfg)
     bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
+    if cfg.keypoints_fixed_unit not in KEYPOINT_FIXED_UNITS:
+        raise InputError(
+            None,
+            "register.keypoints_fixed_unit",
+            " or ".join(repr(u) for u in KEYPOINT_FIXED_UNITS),
+            cfg.keypoints_fixed_unit,
+        )
     keypoints_path = bundle_dir / cfg.keypoints if cfg.keypoints else None
+    alignment_path = bundle_dir / cfg.alignment if cfg.alignment else None
+    pixel_size_um = xenium_pixel_size_um(bundle_dir, cfg.xenium_pixel_size_um)
 
     with Slide(bundle_dir / cfg.he_slide, um_per_px=cfg.he_um_per_px) as slide:
-        if cfg.alignment:
-            alignment_path = bundle_dir / cfg.alignment
-            fixed = moving = None
-            if keypoints_path is not None and keypoints_path.is_file():
-                fixed, moving = read_explorer_keypoints(keypoints_path)
+        fixed = moving = None
+        fits: dict[str, tuple[float, Path]] = {}  # kind -> (fitted H&E µm/px, file)
+        if keypoints_path is not None and (alignment_path is None or keypoints_path.is_file()):
+            fixed, moving = read_explorer_keypoints(keypoints_path, pixel_size_um, cfg.keypoints_fixed_unit)
+            fits["keypoints"] = (similarity_um_per_px(fixed, moving, keypoints_path), keypoints_path)
+        if alignment_path is not None:
             registration = Registration.from_alignment(
                 read_explorer_alignment(alignment_path),
-                cfg.xenium_pixel_size_um,
+                pixel_size_um,
                 fixed_um=fixed,
                 moving_px=moving,
                 source=alignment_path,
             )
+            fits["alignment"] = (registration.he_um_per_px, alignment_path)
         else:
-            if keypoints_path is None:
+            if fixed is None:
                 raise InputError(None, "keypoints", "a keypoints CSV path or an alignment CSV path in the config", None)
-            fixed, moving = read_explorer_keypoints(keypoints_path)
             registration = Registration.from_keypoints(
                 fixed,
                 moving,
@@ -78,17 +101,42 @@ def register_bundle(bundle_dir: str | Path, out_dir: str | Path, cfg: Any = None
                 source=keypoints_path,
                 random_state=int(cfg.random_state),
             )
+        # Units first: a wrong unit also inflates the RMS, but the µm/px ratio says which file and why.
+        check_um_per_px(
+            fits,
+            slide.um_per_px,
+            cfg.max_um_per_px_error,
+            slide_path=bundle_dir / cfg.he_slide,
+            pixel_size_um=pixel_size_um,
+            fixed_unit=cfg.keypoints_fixed_unit,
+        )
         report = registration.report(slide_um_per_px=slide.um_per_px)
         check_report(report, cfg.max_rms_um, cfg.max_loo_um, registration.source)
-        cells_um = _read_cell_centroids_um(bundle_dir)
+        cells_um = read_cell_centroids_um(bundle_dir)
+        fraction, tissue_share = on_tissue_fraction(registration, slide, cells_um, cfg.tissue_thumbnail_px)
+        check_on_tissue(
+            fraction,
+            tissue_share,
+            cfg.min_on_tissue_fraction,
+            cfg.min_on_tissue_excess,
+            len(cells_um),
+            registration.source,
+        )
+        report["xenium_pixel_size_um"] = pixel_size_um
+        report["he_um_per_px_keypoints"] = fits["keypoints"][0] if "keypoints" in fits else None
+        report["he_um_per_px_alignment"] = fits["alignment"][0] if "alignment" in fits else None
+        report["on_tissue_fraction"] = fraction
+        report["tissue_share_of_slide"] = tissue_share
+        registration.identity = bundle_identity(bundle_dir, {"keypoints": keypoints_path, "alignment": alignment_path})
         table = format_table(report)
         print(table)
         log.info(
-            "registration of %s: RMS %.3f µm over %d keypoints, %d region(s)",
+            "registration of %s: RMS %.3f µm over %d keypoints, %d region(s), %.1f %% of cells on tissue",
             bundle_dir,
             report["overall"]["rms_um"] or float("nan"),
             report["overall"]["n_keypoints"],
             registration.n_regions,
+            100.0 * fraction,
         )
         out_dir.mkdir(parents=True, exist_ok=True)
         write_overlay(out_dir / "registration_overlay.png", registration, slide, cells_um, report)

@@ -7,6 +7,7 @@
 - :mod:`.panel`: gene panel and per-cell expression;
 - :mod:`.geometry`: the planted Xenium µm → H&E px map and Explorer's matrices;
 - :mod:`.xenium_writer`: Xenium Onboard Analysis files (XOA v3 layout);
+- :mod:`.morphology`: the DAPI morphology focus image and ``cells.zarr.zip`` (label masks);
 - :mod:`.demo_slide`: fetches the demo's real H&E slide (``make setup``).
 
 ``python -m data_shards.synthetic OUT_DIR [--mode procedural --n-cells N ...]`` writes one bundle.

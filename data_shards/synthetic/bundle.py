@@ -8,7 +8,9 @@ programs modulated by the nucleus stain, nucleus area and eosin context
 ``mode="procedural"`` draws tissue of any size and renders the H&E tile by tile (scale tests).
 
 Both write the agreed bundle layout (see ``/work/shared`` bundle layout / DESIGN.md):
-Xenium files in XOA v3 format, ``he/post_xenium_he.ome.tif``, Xenium Explorer's keypoint and
+Xenium files in XOA v3 format (with the DAPI morphology focus image, ``cells.zarr.zip``,
+``gene_panel.json`` and ``metrics_summary.csv``, so ``spatialdata_io.xenium()`` opens it),
+``he/post_xenium_he.ome.tif``, Xenium Explorer's keypoint and
 alignment exports, ``ground_truth.json`` and ``ground_truth_cells.parquet``.
 
 The planted Xenium µm → H&E px map (rotation, scale = 1 / H&E µm per px, translation, optional
@@ -39,6 +41,7 @@ from common.logs import setup_logging
 
 from ..ome_tiff import tiles_from_array, write_pyramidal_ome_tiff
 from ..slide import Slide
+from . import morphology as morph
 from . import xenium_writer as xw
 from .cell_types import CELL_TYPES, LOOKS
 from .geometry import (
@@ -60,10 +63,14 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SLIDE = Path(__file__).resolve().parents[2] / ".cache" / "he" / "cmu_small_region.svs"
 TRANSCRIPTS_AUTO_MAX_CELLS = 200_000
+# Largest DAPI morphology image (pixels at 0.2125 µm) written by default: the demo's is ~60 M px; a
+# 100k-cell procedural bundle's would be ~1 G px (GBs of masks and image), so scale bundles skip it.
+MORPHOLOGY_AUTO_MAX_PX = 250_000_000
 CELL_VERTICES = 16
 NUCLEUS_VERTICES = 12
 SEGMENTATION_METHOD = "Segmented by nucleus expansion of 5.0µm"
 GENERATOR_VERSION = 1
+PANEL_NAME = "Synthetic skin panel (data_shards.synthetic)"
 
 
 def planted_map(truth: dict | str | Path) -> Callable[[np.ndarray], np.ndarray]:
@@ -100,6 +107,7 @@ def make_bundle(
     n_keypoints: int = 40,
     keypoint_noise_um: float = 0.3,
     write_transcripts: bool | None = None,
+    write_morphology: bool | None = None,
     low_qv_fraction: float = 0.08,
     unassigned_fraction: float = 0.06,
     jpeg_quality: int = 90,
@@ -115,6 +123,10 @@ def make_bundle(
     keypoint_noise_um: σ of the Gaussian noise on both sides of the keypoint pairs (µm).
     write_transcripts: ``None`` = only when ``n_cells`` ≤ 200,000 (transcripts.parquet holds one row
         per molecule, ~200 per cell, which dominates time and disk at scale).
+    write_morphology: the DAPI focus image ``morphology_focus/morphology_focus_0000.ome.tif`` and the
+        label masks in ``cells.zarr.zip`` (:mod:`.morphology`); ``None`` = only when the image is at most
+        250 M px (the demo: yes; 100k+ procedural cells: no, and ``experiment.xenium`` then names no image;
+        ``cells.zarr.zip`` is always written, without masks).
     low_qv_fraction / unassigned_fraction: extra transcripts with qv < 20 (in cells, not counted)
         and transcripts outside any cell (``cell_id`` "UNASSIGNED"), relative to counted ones.
     """
@@ -156,6 +168,8 @@ def make_bundle(
     )
     if write_transcripts is None:
         write_transcripts = n <= TRANSCRIPTS_AUTO_MAX_CELLS
+    # Its own stream (the 7th child of the seed): the six above, hence H&E, cells and expression, stay as they were.
+    rng_morph = np.random.default_rng(np.random.SeedSequence(seed).spawn(7)[6])
 
     # ---- geometry: the planted map and every cell in Xenium µm
     planted = plant_map(rng_map, he_shape, he_um_per_px, rotation_deg_range, deformation_um)
@@ -172,6 +186,9 @@ def make_bundle(
     cell_poly = xw.ellipse_polygons(xenium_xy, cell_a_um, cell_b_um, angle_um, CELL_VERTICES)
     nucleus_area = xw.polygon_areas(nucleus_poly)
     cell_area = xw.polygon_areas(cell_poly)
+    morphology_shape = morph.image_shape_px(xenium_xy, np.maximum(cell_a_um, cell_b_um))
+    if write_morphology is None:
+        write_morphology = morphology_shape[0] * morphology_shape[1] <= MORPHOLOGY_AUTO_MAX_PX
 
     # ---- expression tied to the image
     panel = make_panel(n_genes, seed)
@@ -244,7 +261,8 @@ def make_bundle(
 
         log.info("H&E written (%.1f s); writing Xenium files", time.perf_counter() - started)
         xw.write_experiment(
-            tmp / "experiment.xenium", _experiment_fields(n, xenium_xy, cell_area, per_kind, counts, seed)
+            tmp / "experiment.xenium",
+            _experiment_fields(n, xenium_xy, cell_area, per_kind, counts, seed, morphology=write_morphology),
         )
         xw.write_cells(
             tmp / "cells.parquet",
@@ -270,6 +288,49 @@ def make_bundle(
         )
         xw.write_boundaries(tmp / "cell_boundaries.parquet", ids_arrow, cell_poly)
         xw.write_boundaries(tmp / "nucleus_boundaries.parquet", ids_arrow, nucleus_poly)
+        masks = None
+        if write_morphology:
+            hema = np.log(cells.hematoxylin + 1e-3)
+            lo, hi = np.quantile(hema, [0.01, 0.99]) if n else (0.0, 1.0)
+            *masks, dapi = morph.rasterize_cells(
+                morphology_shape,
+                xenium_xy,
+                (cell_a_um, cell_b_um),
+                (nuc_a_um, nuc_b_um),
+                angle_um,
+                (hema - lo) / max(hi - lo, 1e-9),
+                rng_morph,
+            )
+            morph.write_morphology_focus(tmp, dapi)
+            del dapi
+        morph.write_cells_zarr(
+            tmp / morph.CELLS_ZARR,
+            ids,
+            {
+                "cell_centroid_x": xenium_xy[:, 0],
+                "cell_centroid_y": xenium_xy[:, 1],
+                "cell_area": cell_area,
+                "nucleus_centroid_x": xenium_xy[:, 0],
+                "nucleus_centroid_y": xenium_xy[:, 1],
+                "nucleus_area": nucleus_area,
+                "z_level": np.full(n, 9.0),  # the z-step (3 µm) nearest the transcripts' mean depth
+                "nucleus_count": np.ones(n),
+            },
+            nucleus_poly,
+            cell_poly,
+            SEGMENTATION_METHOD,
+            masks,
+        )
+        del masks
+        xw.write_gene_panel(
+            tmp / "gene_panel.json", panel.ids, panel.names, panel.kinds, panel.codeword_index, PANEL_NAME
+        )
+        xw.write_metrics_summary(
+            tmp / "metrics_summary.csv",
+            _metrics_summary(
+                n, counts, panel, per_kind, cell_area, xenium_xy, seed, low_qv_fraction, unassigned_fraction
+            ),
+        )
         if write_transcripts:
             log.info("Xenium tables written (%.1f s); writing transcripts", time.perf_counter() - started)
             _write_transcripts(
@@ -320,15 +381,27 @@ def _array_pyramid_tiles(image: np.ndarray) -> Callable[[int, tuple[int, int]], 
 
 
 def _write_keypoints_csv(path: Path, fixed_um: np.ndarray, moving_px: np.ndarray) -> None:
+    """As Xenium Explorer writes them: fixedX, fixedY in morphology-image px (µm / pixel_size), alignmentX,
+    alignmentY in H&E level-0 px."""
+    fixed_morph_px = fixed_um / XENIUM_UM_PER_MORPHOLOGY_PX  # (k, 2) µm -> morphology px
     rows = ["fixedX,fixedY,alignmentX,alignmentY"]
-    rows += [f"{a:.6f},{b:.6f},{c:.6f},{d:.6f}" for (a, b), (c, d) in zip(fixed_um, moving_px)]
+    rows += [f"{a:.6f},{b:.6f},{c:.6f},{d:.6f}" for (a, b), (c, d) in zip(fixed_morph_px, moving_px)]
     path.write_text("\n".join(rows) + "\n", encoding="utf-8")
 
 
 def _experiment_fields(
-    n: int, xy_um: np.ndarray, cell_area: np.ndarray, per_kind: dict, counts: sp.csr_matrix, seed: int
+    n: int,
+    xy_um: np.ndarray,
+    cell_area: np.ndarray,
+    per_kind: dict,
+    counts: sp.csr_matrix,
+    seed: int,
+    morphology: bool = True,
 ) -> dict:
-    """experiment.xenium with XOA v3 keys; morphology images are named but not written."""
+    """experiment.xenium with XOA v3 keys, naming only files the bundle has (the focus image if written).
+
+    No ``morphology.ome.tif`` (XOA's 3D DAPI stack) is written, so none is named.
+    """
     span = xy_um.max(axis=0) - xy_um.min(axis=0) if n else np.zeros(2)
     region_area = float(np.prod(span + 100.0))
     genes = int(per_kind["gene"].sum())
@@ -348,7 +421,7 @@ def _experiment_fields(
         "non_zero_matrix_entries": int(counts.nnz),
         "num_transcripts": int(counts.sum()),
         "panel_type": "predesigned",
-        "panel_name": "Synthetic skin panel (data_shards.synthetic)",
+        "panel_name": PANEL_NAME,
         "panel_organism": "Human",
         "panel_tissue_type": "Skin",
         "panel_num_targets_predesigned": int(len(per_kind)),
@@ -359,11 +432,58 @@ def _experiment_fields(
         "instrument_sw_version": "synthetic",
         "analysis_sw_version": "xenium-3.0.0.15",
         "z_step_size": 3.0,
-        "images": {
-            "morphology_filepath": "morphology.ome.tif",
-            "morphology_focus_filepath": "morphology_focus/morphology_focus_0000.ome.tif",
-        },
+        "images": {"morphology_focus_filepath": f"{morph.FOCUS_DIR}/{morph.FOCUS_FILE}"} if morphology else {},
+        "xenium_explorer_files": {"cells_zarr_filepath": morph.CELLS_ZARR},
         "segmentation_stain": "Xenium Multi-Tissue Stain",
+    }
+
+
+def _metrics_summary(
+    n: int,
+    counts: sp.csr_matrix,
+    panel,
+    per_kind: dict,
+    cell_area: np.ndarray,
+    xy_um: np.ndarray,
+    seed: int,
+    low_qv_fraction: float,
+    unassigned_fraction: float,
+) -> dict:
+    """The metrics_summary.csv values the synthetic run knows (same region area as experiment.xenium)."""
+    fields = _experiment_fields(n, xy_um, cell_area, per_kind, counts, seed)
+    genes = per_kind["gene"]
+    gene_columns = np.flatnonzero(panel.kinds == "gene")
+    genes_per_cell = np.diff(counts[:, gene_columns].tocsr().indptr) if n else np.zeros(0)
+    n_probes = max(int(np.sum(panel.kinds == "probe")), 1)
+    assigned = 1.0 / (1.0 + unassigned_fraction)
+    return {
+        "run_name": fields["run_name"],
+        "cassette_name": "N/A",
+        "region_name": fields["region_name"],
+        "panel_name": PANEL_NAME,
+        "panel_design_id": "N/A",
+        "predesigned_panel_id": "N/A",
+        "region_area": fields["region_area"],
+        "total_cell_area": fields["total_cell_area"],
+        "total_high_quality_decoded_transcripts": int(round(genes.sum() / assigned)),
+        "fraction_transcripts_decoded_q20": 1.0 / (1.0 + low_qv_fraction),
+        "decoded_transcripts_per_100um2": fields["transcripts_per_100um"],
+        "negative_control_probe_counts_per_control_per_cell": float(per_kind["probe"].sum()) / n_probes / max(n, 1),
+        "num_cells_detected": int(n),
+        "fraction_empty_cells": float(np.mean(genes == 0)) if n else 0.0,
+        "cells_per_100um2": n / fields["region_area"] * 100.0,
+        "fraction_transcripts_assigned": assigned,
+        "median_genes_per_cell": float(np.median(genes_per_cell)) if n else 0.0,
+        "median_transcripts_per_cell": float(np.median(genes)) if n else 0.0,
+        "segmented_cell_stain_frac": 0.0,
+        "segmented_cell_boundary_frac": 0.0,
+        "segmented_cell_interior_frac": 0.0,
+        "segmented_cell_nuc_expansion_frac": 1.0,
+        "segmented_cell_boundary_count": 0,
+        "segmented_cell_interior_count": 0,
+        "segmented_cell_nuc_expansion_count": int(n),
+        "segmented_cell_imported_frac": 0.0,
+        "segmented_cell_imported_count": 0,
     }
 
 
@@ -531,6 +651,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--n-keypoints", type=int, default=40)
     parser.add_argument("--keypoint-noise-um", type=float, default=0.3)
     parser.add_argument("--transcripts", choices=("auto", "yes", "no"), default="auto")
+    parser.add_argument("--morphology", choices=("auto", "yes", "no"), default="auto", help="DAPI image + masks")
     args = parser.parse_args(argv)
     setup_logging()
     truth = make_bundle(
@@ -545,6 +666,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         n_keypoints=args.n_keypoints,
         keypoint_noise_um=args.keypoint_noise_um,
         write_transcripts={"auto": None, "yes": True, "no": False}[args.transcripts],
+        write_morphology={"auto": None, "yes": True, "no": False}[args.morphology],
     )
     print(json.dumps({k: truth[k] for k in ("mode", "n_cells", "cell_type_counts", "rotation_deg", "seconds")}))
     return truth

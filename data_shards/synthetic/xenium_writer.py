@@ -193,3 +193,77 @@ def fov_table(max_x_um: float, max_y_um: float, fov_um: float = FOV_UM) -> tuple
 
     names = [f"{letters(r)}{c + 1}" for r in range(n_rows) for c in range(n_cols)]
     return n_cols, pa.array(names, type=pa.large_string())
+
+
+# Columns of XOA 3's metrics_summary.csv, in its order (checked against a public XOA 3.0 output).
+METRICS_SUMMARY_COLUMNS = (
+    "run_name,cassette_name,region_name,panel_name,panel_design_id,predesigned_panel_id,region_area,"
+    "total_cell_area,total_high_quality_decoded_transcripts,fraction_transcripts_decoded_q20,"
+    "fraction_predesigned_transcripts_decoded_q20,fraction_custom_transcripts_decoded_q20,"
+    "nuclear_transcripts_per_100um2,decoded_transcripts_per_100um2,adjusted_negative_control_probe_rate,"
+    "adjusted_negative_control_codeword_rate,adjusted_genomic_control_probe_rate,"
+    "negative_control_probe_counts_per_control_per_cell,genomic_control_probe_counts_per_control_per_cell,"
+    "estimated_number_of_false_positive_transcripts_per_cell,"
+    "estimated_number_of_false_positive_transcripts_per_cell_including_genomic_counts,num_cells_detected,"
+    "fraction_empty_cells,cells_per_100um2,fraction_transcripts_assigned,median_genes_per_cell,"
+    "median_predesigned_genes_per_cell,median_custom_genes_per_cell,median_transcripts_per_cell,"
+    "median_predesigned_transcripts_per_cell,median_custom_transcripts_per_cell,thickness_transcripts_high_quality,"
+    "stain_definition,segmented_cell_stain_frac,segmented_cell_boundary_frac,segmented_cell_interior_frac,"
+    "segmented_cell_nuc_expansion_frac,segmented_cell_boundary_count,segmented_cell_interior_count,"
+    "segmented_cell_nuc_expansion_count,fraction_of_ambiguous_nucleus_mask_pixels,"
+    "fraction_of_ambiguous_cell_mask_pixels,fraction_of_nucleus_polygons_removed,fraction_of_cell_polygons_removed,"
+    "fraction_of_nuclei_without_cell,number_of_cell_non_simple_polygons,number_of_cell_multi_polygons,"
+    "number_of_nucleus_non_simple_polygons,number_of_nucleus_multi_polygons,segmented_cell_imported_frac,"
+    "segmented_cell_imported_count"
+).split(",")
+
+# gene_panel.json descriptor of each feature kind (data_shards.synthetic.panel kinds).
+PANEL_DESCRIPTORS = {
+    "gene": "gene",
+    "probe": "negative_control",
+    "codeword": "negative_control_codeword",
+    "unassigned": "unassigned_codeword",
+}
+
+
+def write_metrics_summary(path: Path, values: dict) -> None:
+    """One-row CSV with XOA 3's columns; a metric not given is left empty (as XOA does for ones it skips)."""
+    unknown = sorted(set(values) - set(METRICS_SUMMARY_COLUMNS))
+    if unknown:
+        raise ValueError(f"not metrics_summary.csv columns: {unknown}")
+
+    def cell(value) -> str:
+        if value is None:
+            return ""
+        text = repr(float(value)) if isinstance(value, float | np.floating) else str(value)
+        return f'"{text}"' if "," in text or '"' in text else text
+
+    row = [cell(values.get(name)) for name in METRICS_SUMMARY_COLUMNS]
+    path.write_text(",".join(METRICS_SUMMARY_COLUMNS) + "\n" + ",".join(row) + "\n", encoding="utf-8")
+
+
+def write_gene_panel(
+    path: Path, feature_ids: np.ndarray, feature_names: np.ndarray, kinds: np.ndarray, codewords: np.ndarray, name: str
+) -> None:
+    """``gene_panel.json``: ``{"metadata", "payload": {"panel", "targets"}}``, one target per feature.
+
+    Each target is ``{"type": {"descriptor", "data": {"id", "name"}}, "codewords": [...]}`` as in
+    XOA's panel files ("gene" for genes, "negative_control" for control probes); the codeword is
+    the feature's ``codeword_index`` in transcripts.parquet.
+    """
+    targets = []
+    for feature_id, feature_name, kind, codeword in zip(feature_ids, feature_names, kinds, codewords):
+        data = {"id": str(feature_id), "name": str(feature_name)} if kind == "gene" else {"name": str(feature_name)}
+        targets.append(
+            {"type": {"descriptor": PANEL_DESCRIPTORS[str(kind)], "data": data}, "codewords": [int(codeword)]}
+        )
+    write_json(
+        path,
+        {
+            "metadata": {"file_format_version": "1.0", "generator": "data_shards.synthetic"},
+            "payload": {
+                "panel": {"name": name, "organism": "Human", "tissue_type": "Skin", "num_targets": len(targets)},
+                "targets": targets,
+            },
+        },
+    )

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import tifffile
 from PIL import Image
+from skimage import draw as skdraw
 from skimage import transform as sktransform
 
 from common.config import load_config
@@ -190,18 +191,30 @@ def test_check_refuses_inaccurate_keypoints_naming_file_and_region() -> None:
 # ---- Xenium Explorer files ----------------------------------------------------------------------
 
 
-def write_keypoints_csv(path, fixed, moving) -> None:
-    rows = ["fixedX,fixedY,alignmentX,alignmentY"] + [f"{a},{b},{c},{d}" for (a, b), (c, d) in zip(fixed, moving)]
+MORPHOLOGY_UM_PER_PX = 0.2125  # Xenium's morphology-image pixel (experiment.xenium pixel_size)
+
+
+def write_keypoints_csv(path, fixed_um, moving_px, unit: str = "morphology_px") -> None:
+    """As Xenium Explorer writes them: fixedX, fixedY in morphology px; ``unit="um"`` as other tools may."""
+    fixed = fixed_um / MORPHOLOGY_UM_PER_PX if unit == "morphology_px" else fixed_um
+    rows = ["fixedX,fixedY,alignmentX,alignmentY"] + [f"{a},{b},{c},{d}" for (a, b), (c, d) in zip(fixed, moving_px)]
     path.write_text("\n".join(rows) + "\n")
 
 
 def test_read_explorer_keypoints(tmp_path) -> None:
+    """Explorer's morphology px come back as µm (× pixel_size); a µm file is read as µm when told so."""
     fixed, moving = keypoints(7, noise_px=0.0, seed=11)
     path = tmp_path / "keypoints.csv"
     write_keypoints_csv(path, fixed, moving)
     got_fixed, got_moving = read_explorer_keypoints(path)
     np.testing.assert_allclose(got_fixed, fixed)
     np.testing.assert_allclose(got_moving, moving)
+    got_fixed, _ = read_explorer_keypoints(path, pixel_size_um=0.5)  # another instrument's pixel
+    np.testing.assert_allclose(got_fixed, fixed / MORPHOLOGY_UM_PER_PX * 0.5)
+    write_keypoints_csv(path, fixed, moving, unit="um")
+    np.testing.assert_allclose(read_explorer_keypoints(path, fixed_unit="um")[0], fixed)
+    with pytest.raises(InputError, match=r"fixed_unit.*morphology_px or um.*pixels"):
+        read_explorer_keypoints(path, fixed_unit="pixels")
 
 
 HAND_MADE_ALIGNMENT = np.array(
@@ -300,10 +313,15 @@ def test_json_round_trip_maps_identically(tmp_path, options: dict) -> None:
 
 
 def write_slide(path, height_px: int = 1400, width_px: int = 1500) -> None:
-    """A small RGB OME-TIFF at HE_UM_PER_PX: pink tissue with darker spots."""
+    """A small RGB OME-TIFF at HE_UM_PER_PX: pink tissue with darker spots where the cells are, glass around."""
     rng = np.random.default_rng(16)
-    image = np.full((height_px, width_px, 3), (235, 180, 210), dtype=np.uint8)
-    image[rng.random((height_px, width_px)) < 0.02] = (90, 40, 140)
+    image = np.full((height_px, width_px, 3), 245, dtype=np.uint8)  # glass
+    corners_px = small_bundle_map(np.array([[-20.0, -20.0], [620.0, -20.0], [620.0, 620.0], [-20.0, 620.0]]))
+    rows, cols = skdraw.polygon(corners_px[:, 1], corners_px[:, 0], shape=(height_px, width_px))
+    image[rows, cols] = (235, 180, 210)
+    spots = np.zeros((height_px, width_px), dtype=bool)
+    spots[rows, cols] = rng.random(len(rows)) < 0.02
+    image[spots] = (90, 40, 140)
     path.parent.mkdir(parents=True, exist_ok=True)
     tifffile.imwrite(
         path,

@@ -99,6 +99,9 @@ def test_bundle_has_every_file_with_the_agreed_columns(which, request):
     experiment = json.loads((bundle / "experiment.xenium").read_text())
     assert experiment["major_version"] == 5 and experiment["pixel_size"] == 0.2125
     assert experiment["num_cells"] == truth["n_cells"] and "morphology_focus_filepath" in experiment["images"]
+    for name in list(experiment["images"].values()) + list(experiment["xenium_explorer_files"].values()):
+        assert (bundle / name).is_file(), f"experiment.xenium names {name}, which the bundle lacks"
+    assert (bundle / "gene_panel.json").is_file() and (bundle / "metrics_summary.csv").is_file()
 
     cells = pq.read_table(bundle / "cells.parquet").to_pandas()
     assert list(cells.columns) == CELLS_COLUMNS
@@ -226,7 +229,9 @@ def test_keypoints_fit_the_planted_similarity(rigid_bundle):
     keypoints = pd.read_csv(bundle / "he" / "keypoints.csv")
     assert list(keypoints.columns) == ["fixedX", "fixedY", "alignmentX", "alignmentY"]
     assert 30 <= len(keypoints) <= 60
-    fixed = keypoints[["fixedX", "fixedY"]].to_numpy()
+    # As Xenium Explorer writes them: fixedX, fixedY in morphology px; × pixel_size gives Xenium µm.
+    fixed_px = keypoints[["fixedX", "fixedY"]].to_numpy()
+    fixed = fixed_px * truth["xenium_pixel_size_um"]
     moving = keypoints[["alignmentX", "alignmentY"]].to_numpy()
     fitted = umeyama(fixed, moving)
     planted = np.asarray(truth["xenium_um_to_he_px"])
@@ -243,12 +248,14 @@ def test_keypoints_fit_the_planted_similarity(rigid_bundle):
     span = fixed.max(axis=0) - fixed.min(axis=0)
     cells = pq.read_table(bundle / "cells.parquet", columns=["x_centroid", "y_centroid"]).to_pandas().to_numpy()
     assert (span > 0.6 * (cells.max(axis=0) - cells.min(axis=0))).all()
+    assert (fixed_px.max(axis=0) > 3 * cells.max(axis=0)).all()  # pixels, not µm (1 / 0.2125 = 4.7)
 
 
 def test_keypoints_follow_the_deformed_map(real_bundle):
     bundle, truth = real_bundle
     keypoints = pd.read_csv(bundle / "he" / "keypoints.csv")
-    predicted = planted_map(truth)(keypoints[["fixedX", "fixedY"]].to_numpy())
+    fixed_um = keypoints[["fixedX", "fixedY"]].to_numpy() * truth["xenium_pixel_size_um"]  # morphology px -> µm
+    predicted = planted_map(truth)(fixed_um)
     residual_um = np.linalg.norm(predicted - keypoints[["alignmentX", "alignmentY"]].to_numpy(), axis=1)
     residual_um *= truth["he_um_per_px"]
     noise = truth["keypoint_noise_um"]
