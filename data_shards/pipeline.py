@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -69,6 +70,8 @@ def slide_config_hash(cfg: DictConfig, slide: DictConfig, vocab_sha: str) -> str
     relevant = {
         k: resolved.get(k) for k in ("matrix", "min_qv", "tokens", "neighbours", "crop", "qc", "shards", "register")
     }
+    # How the shuffle is staged (memory or spill) does not change a byte of the shards.
+    relevant["shards"] = {k: v for k, v in (relevant["shards"] or {}).items() if k != "memory_budget_mb"}
     relevant["slide"] = OmegaConf.to_container(slide, resolve=True) if isinstance(slide, DictConfig) else slide
     relevant["inputs"] = _input_fingerprint(relevant["slide"])
     relevant["vocab_sha256"] = vocab_sha
@@ -206,7 +209,7 @@ def _sample_meta(
         "n_neighbours": int(n_neighbours),
     }
     for key, value in obs_row.items():
-        if isinstance(value, (np.floating, float)) and not np.isfinite(value):
+        if isinstance(value, (np.floating, float)) and not math.isfinite(value):
             value = None
         out[key] = value.item() if hasattr(value, "item") else value
     out.update(meta)
@@ -277,12 +280,21 @@ def shard_slide(
             reader = CropReader.from_config(image, cfg.crop, progress=bool(cfg.progress))
             crop_um_per_px = float(cfg.crop.target_um_per_px or image.um_per_px)
             obs_columns = [c for c in ("transcript_counts", "cell_area", "nucleus_area") if c in cells.obs]
-            obs_values = {c: cells.obs[c].to_numpy() for c in obs_columns}
-            n_genes = np.diff(cells.X.indptr)
-            cell_ids = cells.obs_names.to_numpy()
+            # Per-cell values as Python lists: indexing a list is cheaper than a numpy scalar per cell,
+            # and tolist() gives the same Python numbers as the scalars' .item(), so the json is unchanged.
+            obs_values = {c: cells.obs[c].to_numpy().tolist() for c in obs_columns}
+            n_genes = np.diff(cells.X.indptr).tolist()
+            cell_ids = [str(cell_id) for cell_id in cells.obs_names]
+            xy_list, px_list, region_list = kept_xy.tolist(), kept_px.tolist(), regions[keep].tolist()
             meta = slide.get("meta") or {}
             meta = OmegaConf.to_container(meta, resolve=True) if isinstance(meta, DictConfig) else dict(meta)
-            writer = ShuffledShardWriter(stage, slide_id, plan, seed=int(cfg.shards.seed))
+            writer = ShuffledShardWriter(
+                stage,
+                slide_id,
+                plan,
+                seed=int(cfg.shards.seed),
+                memory_budget_bytes=int(cfg.shards.memory_budget_mb) << 20,
+            )
             # Split of the crop loop's time: JPEG encoding, sample assembly, spilling to the writer;
             # what remains of the loop is reading and cropping the slide.
             spent = {"encode_jpeg": 0.0, "assemble_sample": 0.0, "spill": 0.0}
@@ -294,13 +306,13 @@ def shard_slide(
                     nbr_tokens, nbr_offsets = neighbour_sample(j, tokens, neighbours)
                     sample_meta = _sample_meta(
                         slide_id,
-                        str(cell_ids[j]),
-                        kept_xy[j],
-                        kept_px[j],
+                        cell_ids[j],
+                        xy_list[j],
+                        px_list[j],
                         {c: v[j] for c, v in obs_values.items()},
                         n_genes[j],
                         len(nbr_tokens),
-                        regions[keep[j]],
+                        region_list[j],
                         crop_um_per_px,
                         meta,
                     )
@@ -313,6 +325,9 @@ def shard_slide(
                 lap("crop_loop")
                 timings["read_and_crop"] = round(timings.pop("crop_loop") - sum(spent.values()), 3)
                 timings.update({k: round(v, 3) for k, v in spent.items()})
+                log.info(
+                    "slide %s: samples %s", slide_id, "shuffled in memory" if writer.in_memory else "spilled to disk"
+                )
                 shards = writer.finish()
             except BaseException:
                 writer.discard()

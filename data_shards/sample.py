@@ -88,6 +88,11 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return _npy_header(array.dtype.str, tuple(array.shape)) + array.tobytes()
 
 
+# What ``json.dumps(meta, separators=(",", ":"), allow_nan=False)`` builds on every call (json.dumps
+# makes a new encoder whenever an option differs from its defaults); same text, made once.
+_JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def encode_sample(
     key: str,
     jpg: bytes,
@@ -109,7 +114,7 @@ def encode_sample(
         "tokens.npy": npy_bytes(np.ascontiguousarray(tokens, dtype=np.int32)),
         "nbr_tokens.npy": npy_bytes(np.ascontiguousarray(nbr_tokens, dtype=np.int32)),
         "nbr_offsets.npy": npy_bytes(np.ascontiguousarray(nbr_offsets_um, dtype=np.float32)),
-        "json": json.dumps(meta, separators=(",", ":"), allow_nan=False).encode("utf-8"),
+        "json": _JSON_ENCODER.encode(meta).encode("utf-8"),
     }
 
 

@@ -145,6 +145,9 @@ class ShardsConfig:
     jpeg_quality: int = 90  # JPEG quality of the crops
     group_um: Optional[float] = None  # keep cells of the same group_um square together in a shard; null = shuffle all
     seed: int = 0  # shuffling seed
+    # a slide's encoded samples are shuffled in memory while they fit this many MB (written once);
+    # above it they are spilled to disk per shard and read back (same shard bytes either way)
+    memory_budget_mb: int = 4096
 
 
 @dataclass

@@ -1,10 +1,12 @@
-"""webdataset shard writing with a slide-wide shuffle that never holds a slide in memory.
+"""webdataset shard writing with a slide-wide shuffle, within a memory budget.
 
 Crops are produced in spatial order (so each slide tile is decoded once), but training wants
 samples shuffled across the slide. Each sample is assigned up front to one of the slide's shards
-(its "bucket") by a seeded permutation; encoded samples are spilled to one temporary file per
-bucket as they arrive, and each bucket is then shuffled in memory (one shard's worth) and written
-as a ``.tar`` under a temporary name, renamed when complete.
+(its "bucket") by a seeded permutation. Encoded samples are held in memory while the slide's
+samples fit the writer's memory budget (written once); a larger slide's samples are spilled to one
+temporary file per bucket as they arrive (written, read back, written again), so a slide never has
+to fit in memory. Each bucket is then shuffled (one shard's worth) and written as a ``.tar`` under
+a temporary name, renamed when complete. Both routes give byte-identical shards.
 
 The unit of shuffling is a *group*: a single cell by default, or all cells of a spatial block of
 ``group_um`` µm, which stay together so that a small shuffle buffer in the loader puts
@@ -133,18 +135,33 @@ class ShuffledShardWriter:
     """Collect encoded samples in any order; write shuffled, complete ``.tar`` shards at the end.
 
     Samples are rendered to their tar members on arrival, so the final pass only reorders bytes.
+    While the rendered samples fit ``memory_budget_bytes`` they stay in memory and are written
+    once; past the budget (or with a budget of 0) they are spilled to one temporary file per shard
+    and read back at the end, so a slide of any size fits. Both routes write the same bytes: a
+    shard's order depends only on the plan, the seed and which samples arrived, never on the route.
     """
 
-    def __init__(self, out_dir: str | Path, prefix: str, plan: ShardPlan, seed: int, spill_bytes: int = 1 << 18):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        prefix: str,
+        plan: ShardPlan,
+        seed: int,
+        spill_bytes: int = 1 << 18,
+        memory_budget_bytes: int = 0,
+    ):
         self.out_dir = Path(out_dir)
         self.prefix = prefix
         self.plan = plan
         self.seed = seed
         self.spill_dir = self.out_dir / f".{prefix}.spill"
-        self.spill_dir.mkdir(parents=True, exist_ok=True)
-        self._buffers: dict[int, list[bytes]] = {}
+        # (group, sample index, rendered tar members) per bucket, not yet spilled.
+        self._held: dict[int, list[tuple[int, int, bytes]]] = {}
         self._buffered: dict[int, int] = {}
         self._spill_bytes = spill_bytes
+        self._memory_budget_bytes = memory_budget_bytes
+        self._held_bytes = 0
+        self.in_memory = memory_budget_bytes > 0  # False once the budget is exceeded: spill route
         self.n_added = 0
 
     def _spill_path(self, bucket: int) -> Path:
@@ -154,19 +171,30 @@ class ShuffledShardWriter:
         """Add sample number ``index`` (its row in the plan)."""
         bucket = int(self.plan.bucket[index])
         members = TarSampleWriter.render(sample)
-        record = _RECORD.pack(int(self.plan.group[index]), int(index), len(members)) + members
-        self._buffers.setdefault(bucket, []).append(record)
-        self._buffered[bucket] = self._buffered.get(bucket, 0) + len(record)
+        self._held.setdefault(bucket, []).append((int(self.plan.group[index]), int(index), members))
         self.n_added += 1
+        if self.in_memory:
+            self._held_bytes += len(members)
+            if self._held_bytes > self._memory_budget_bytes:
+                self.in_memory = False  # the slide does not fit: spill everything held so far
+                for held in list(self._held):
+                    self._flush(held)
+            return
+        self._buffered[bucket] = self._buffered.get(bucket, 0) + _RECORD.size + len(members)
         if self._buffered[bucket] >= self._spill_bytes:
             self._flush(bucket)
 
     def _flush(self, bucket: int) -> None:
-        records = self._buffers.pop(bucket, [])
+        items = self._held.pop(bucket, [])
         self._buffered.pop(bucket, None)
-        if records:
+        if items:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
             with open(self._spill_path(bucket), "ab") as handle:
-                handle.write(b"".join(records))
+                handle.writelines(
+                    part
+                    for group, index, members in items
+                    for part in (_RECORD.pack(group, index, len(members)), members)
+                )
 
     def _read_bucket(self, bucket: int) -> list[tuple[int, int, memoryview]]:
         """(group, index, rendered tar members) of every sample spilled to ``bucket``."""
@@ -184,16 +212,17 @@ class ShuffledShardWriter:
 
     def finish(self) -> list[dict]:
         """Write every non-empty shard; return [{"path": name, "n_samples": int}] in shard order."""
-        for bucket in list(self._buffers):
-            self._flush(bucket)
+        if not self.in_memory:
+            for bucket in list(self._held):
+                self._flush(bucket)
         shards = []
         for bucket in range(self.plan.n_shards):
-            items = self._read_bucket(bucket)
+            items = self._held.pop(bucket, []) if self.in_memory else self._read_bucket(bucket)
             if not items:
                 continue
             rng = np.random.default_rng((self.seed, bucket))
             # Shuffle groups, keep each group's samples together in their spatial order.
-            groups: dict[int, list[tuple[int, memoryview]]] = {}
+            groups: dict[int, list[tuple[int, bytes | memoryview]]] = {}
             for group, index, members in items:
                 groups.setdefault(group, []).append((index, members))
             order = rng.permutation(sorted(groups))
@@ -202,17 +231,23 @@ class ShuffledShardWriter:
                 with open(tmp, "wb") as stream:
                     sink = TarSampleWriter(stream)
                     for group in order:
-                        for _, members in sorted(groups[int(group)], key=lambda pair: pair[0]):
-                            sink.write_rendered(members)
+                        members_of_group = groups[int(group)]
+                        if len(members_of_group) > 1:
+                            members_of_group.sort(key=lambda pair: pair[0])
+                        stream.writelines(members for _, members in members_of_group)
                     sink.close()
             shards.append({"path": name, "n_samples": len(items)})
+            del items, groups
             self._spill_path(bucket).unlink(missing_ok=True)
         self.discard()
         return shards
 
     def discard(self) -> None:
-        """Remove the spill folder (also after a failure)."""
+        """Remove the spill folder and drop the samples held in memory (also after a failure)."""
+        self._held.clear()
+        self._held_bytes = 0
+        if not self.spill_dir.exists():
+            return
         for path in self.spill_dir.glob("*.spill"):
             path.unlink(missing_ok=True)
-        if self.spill_dir.exists():
-            os.rmdir(self.spill_dir)
+        os.rmdir(self.spill_dir)

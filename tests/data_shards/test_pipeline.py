@@ -305,3 +305,22 @@ def test_slide_um_per_px_override_reaches_registration_and_crops(bundle, tmp_pat
     assert slide["he_um_per_px"] == pytest.approx(override)
     report = pd.read_json(tmp_path / "shards" / "s1" / "registration" / "registration_report.json", typ="series")
     assert report["he_um_per_px_slide"] == pytest.approx(override)
+
+
+def test_in_memory_shuffle_writes_the_same_shard_bytes_as_the_spill_route(bundle, tmp_path, monkeypatch):
+    flushes = []
+    original_flush = pipeline.ShuffledShardWriter._flush
+    monkeypatch.setattr(
+        pipeline.ShuffledShardWriter,
+        "_flush",
+        lambda self, bucket: flushes.append(bucket) or original_flush(self, bucket),
+    )
+    held = pipeline.build_shards(_config(bundle, tmp_path / "memory"))  # default budget: the slide fits
+    assert not flushes, "a slide within shards.memory_budget_mb must not be spilled"
+    spilled = pipeline.build_shards(_config(bundle, tmp_path / "spill", shards={"memory_budget_mb": 0}))
+    assert flushes, "memory_budget_mb 0 must take the spill route"
+    assert [s["path"] for s in spilled["shards"]] == [s["path"] for s in held["shards"]]
+    assert len(held["shards"]) >= 2
+    for shard in held["shards"]:
+        memory_tar = (tmp_path / "memory" / shard["path"]).read_bytes()
+        assert (tmp_path / "spill" / shard["path"]).read_bytes() == memory_tar, shard["path"]

@@ -87,3 +87,32 @@ def test_member_header_is_byte_identical_to_tarfile_ustar(name, size):
     info = tarfile.TarInfo(name)
     info.size, info.mode, info.mtime, info.uname, info.gname = size, 0o444, 0, "", ""
     assert TarSampleWriter.header(name, size) == info.tobuf(format=tarfile.USTAR_FORMAT)
+
+
+def _write_all(out_dir, plan, n, **writer_options) -> tuple[ShuffledShardWriter, dict[str, bytes]]:
+    writer = ShuffledShardWriter(out_dir, "s", plan, seed=4, spill_bytes=4096, **writer_options)
+    for i in range(n):  # spatial arrival order, as crops come
+        jpg = np.random.default_rng(i).bytes(200 + 3 * i)
+        sample = encode_sample(
+            f"s_{i:05d}", jpg, np.full(5, i, np.int32), np.zeros((i % 4, 5)), np.ones((i % 4, 2)), {}
+        )
+        writer.add(i, sample)
+    shards = writer.finish()
+    assert not (out_dir / ".s.spill").exists()
+    return writer, {s["path"]: (out_dir / s["path"]).read_bytes() for s in shards}
+
+
+@pytest.mark.parametrize("group_um", [None, 40.0])
+def test_in_memory_and_spill_routes_write_identical_shards(tmp_path, group_um):
+    n = 600
+    xy = np.random.default_rng(3).uniform(0, 400, (n, 2))
+    plan = plan_shards(xy, samples_per_shard=150, seed=4, group_um=group_um)
+    spilled, spill_tars = _write_all(tmp_path / "spill", plan, n)  # budget 0: the spill route
+    held, memory_tars = _write_all(tmp_path / "memory", plan, n, memory_budget_bytes=1 << 30)
+    # a budget that runs out mid-slide: what is held so far is spilled, the rest follows it
+    switched, switched_tars = _write_all(tmp_path / "switched", plan, n, memory_budget_bytes=100_000)
+    assert not spilled.in_memory and held.in_memory and not switched.in_memory
+    assert len(spill_tars) == plan.n_shards
+    assert list(memory_tars) == list(switched_tars) == list(spill_tars)
+    for name, data in spill_tars.items():
+        assert memory_tars[name] == data and switched_tars[name] == data, name
