@@ -25,6 +25,7 @@ so case folding would silently map a gene to the other species.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from collections.abc import Iterable, Sequence
@@ -277,6 +278,29 @@ class Vocabulary:
     def sha256(self) -> str:
         """Hash of the ordered primary gene names (UTF-8, one per line): identifies the token ids."""
         return hashlib.sha256("\n".join(self.genes).encode("utf-8")).hexdigest()
+
+    def token_table(self) -> dict[str, int]:
+        """Every token's id, special ones first: ``[MASK]``, ``[PAD]``, ``[CLS]``, the modality,
+        organism and assay context tokens (``modality:spatial``, ``organism:human``, ``assay:xenium``),
+        then each gene by its primary name (``GENE_OFFSET + position``)."""
+        table = {"[MASK]": MASK, "[PAD]": PAD, "[CLS]": CLS}
+        for kind, tokens in (("modality", MODALITY_TOKENS), ("organism", ORGANISM_TOKENS), ("assay", ASSAY_TOKENS)):
+            table.update({f"{kind}:{name}": token for name, token in tokens.items()})
+        table.update({gene: GENE_OFFSET + i for i, gene in enumerate(self.genes)})
+        return table
+
+    def save_json(self, path: str | Path) -> Path:
+        """``vocab.json`` as Hugging Face-style tokenizers keep it: {token: id}, plus the gene symbols."""
+        path = Path(path)
+        doc = {
+            "vocab": self.token_table(),
+            "gene_offset": GENE_OFFSET,
+            "symbols": {g: s for g, s in zip(self.genes, self.symbols) if s},
+            "sha256": self.sha256(),
+        }
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        return path
 
     def save(self, path: str | Path) -> Path:
         """Write a ``gene_id<TAB>gene_symbol`` list (header included) that ``from_file`` reads back."""

@@ -43,6 +43,7 @@ TASKS: dict[str, Task] = {
     "survival": Task("finetune.survival", "run_survival", "SurvivalConfig"),
     "ihc": Task("finetune.ihc", "run_ihc", "IHCConfig"),
     "mif": Task("finetune.mif", "run_mif", "MIFConfig"),
+    "qupath": Task("finetune.qupath", "run_qupath", "QuPathConfig"),
 }
 
 

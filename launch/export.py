@@ -29,6 +29,9 @@ def main() -> int:
     parser.add_argument("--config", default=None, help="run config to use instead of the one saved with the checkpoint")
     parser.add_argument("--manifest", default=None, help="shard manifest (default: the config's data.manifest)")
     parser.add_argument("--no-verify", action="store_true", help="skip reloading the export and comparing embeddings")
+    parser.add_argument(
+        "--license", default="other", help="Hugging Face licence id for the model card (default: other)"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the run config")
     args = parser.parse_args()
     return run_entry(
@@ -40,6 +43,7 @@ def main() -> int:
             manifest=args.manifest,
             overrides=args.overrides,
             verify=not args.no_verify,
+            license=args.license,
         )
     )
 

@@ -5,6 +5,7 @@
     python launch/finetune.py survival --config configs/finetune/survival_demo.yaml [key=value ...]
     python launch/finetune.py ihc      --config configs/finetune/ihc_demo.yaml      [key=value ...]
     python launch/finetune.py mif      --config configs/finetune/mif_demo.yaml      [key=value ...]
+    python launch/finetune.py qupath   --config configs/finetune/qupath_demo.yaml   [key=value ...]
 
 Each task's settings are a typed schema (``finetune.tasks.TASKS``); unknown keys are refused.
 """

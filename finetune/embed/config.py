@@ -60,6 +60,8 @@ class EmbedConfig:
     slides: list[WholeSlideConfig] = field(default_factory=list)  # whole slides, cut into tissue tiles
     tiles: TilesConfig = field(default_factory=TilesConfig)  # tiling of the whole slides
     cells: CellEncoderConfig = field(default_factory=CellEncoderConfig)  # cell-encoder embeddings of the shards
+    skip_finished: bool = True  # whole slides whose .h5ad was written with the same settings are not embedded again
+    part: Optional[str] = None  # "i/n": embed every n-th whole slide from the i-th (0-based), e.g. one process per GPU
 
 
 __all__ = ["WholeSlideConfig", "TilesConfig", "CellEncoderConfig", "EmbedConfig"]

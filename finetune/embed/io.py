@@ -13,6 +13,9 @@ the PAST cell encoder), read by the survival bags and the synthetic cohort. One 
   for tiles ``row``, ``col``, ``tile_x0_px``, ``tile_y0_px`` (top-left, level-0 px),
   ``tile_size_px`` (footprint side in level-0 px) and ``tissue_fraction`` (0–1), plus any ``meta``
   passed in;
+- ``obsm["spatial"]``: float64 (n_items, 2) ``x_um``, ``y_um`` (where scanpy's ``sc.pl.spatial`` /
+  ``sc.pl.embedding(basis="spatial")`` and squidpy look), ``obsm["X_emb"]``: the embeddings again
+  (for ``sc.pp.neighbors(adata, use_rep="X_emb")``);
 - ``uns["embedding"]``: ``kind`` ("cells" or "tiles"), ``which`` ("backbone" = pooled backbone
   features, or "projected" = L2-normalised joint-space embedding), ``dim``, ``encoder`` (its
   description), and for tiles ``tile_um_per_px``, ``tile_px``, ``slide_um_per_px``, ``slide_path``,
@@ -26,6 +29,7 @@ accepts ``.npz`` (array ``embeddings``) and ``.npy`` files made elsewhere.
 
 from __future__ import annotations
 
+import fcntl
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -82,6 +86,8 @@ def write_embeddings(path: Path, embeddings: np.ndarray, obs: pd.DataFrame, info
         obs=obs,
         var=pd.DataFrame(index=[f"f{i}" for i in range(embeddings.shape[1])]),
     )
+    adata.obsm["spatial"] = obs[["x_um", "y_um"]].to_numpy(np.float64)  # (n_items, 2) µm
+    adata.obsm["X_emb"] = adata.X
     adata.uns["embedding"] = json.loads(json.dumps(dict(info), default=str))
     with atomic_path(path) as tmp:
         adata.write_h5ad(tmp)
@@ -94,12 +100,30 @@ def encoder_info(encoder: ImageEncoder, which: str) -> dict:
 
 
 def update_index(out_dir: Path, entries: Mapping[str, dict], info: Mapping[str, Any]) -> None:
-    """Add ``entries`` to ``<out_dir>/embeddings.json`` (slide → file, n, dim, kind)."""
+    """Add ``entries`` to ``<out_dir>/embeddings.json`` (slide → file, n, dim, kind).
+
+    Several processes (one per GPU, ``part: i/n``) may finish slides at the same time: the
+    read-modify-write holds an exclusive lock on ``embeddings.json.lock``.
+    """
     path = out_dir / INDEX_NAME
-    index = json.loads(path.read_text()) if path.is_file() else {"slides": {}}
-    index["slides"].update(entries)
-    index.update({"which": info["which"], "dim": info["dim"], "encoder": info["encoder"]})
-    write_json(path, json.loads(json.dumps(index, default=str)))
+    with open(out_dir / f"{INDEX_NAME}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        index = json.loads(path.read_text()) if path.is_file() else {"slides": {}}
+        index["slides"].update(entries)
+        index.update({"which": info["which"], "dim": info["dim"], "encoder": info["encoder"]})
+        write_json(path, json.loads(json.dumps(index, default=str)))
+
+
+def is_finished(path: Path, settings: Mapping[str, Any]) -> bool:
+    """Whether ``path`` is an embedding file written with these settings (``uns["embedding"]`` agrees on each)."""
+    if not path.is_file():
+        return False
+    try:
+        recorded = anndata.read_h5ad(path, backed="r").uns.get("embedding", {})
+    except (OSError, KeyError, ValueError):
+        return False  # unreadable or cut short: embed again
+    expected = json.loads(json.dumps(dict(settings), default=str))
+    return all(recorded.get(key) == value for key, value in expected.items())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,6 +191,7 @@ __all__ = [
     "write_embeddings",
     "encoder_info",
     "update_index",
+    "is_finished",
     "read_embeddings",
     "load_embedding_file",
     "find_embedding_file",

@@ -74,6 +74,26 @@ def read_tile(slide, x0_px: int, y0_px: int, size_px0: float, level: int, tile_p
     return region
 
 
+def tile_settings(
+    encoder: ImageEncoder,
+    which: str,
+    slide_path: str | Path,
+    tile_um_per_px: float,
+    tile_px: int,
+    min_tissue_fraction: float,
+) -> dict:
+    """What makes a slide's tile embeddings what they are (recorded in ``uns["embedding"]``; a file
+    written with the same settings is not embedded again)."""
+    return {
+        "kind": "tiles",
+        "slide_path": str(slide_path),
+        "tile_um_per_px": float(tile_um_per_px),
+        "tile_px": int(tile_px),
+        "min_tissue_fraction": float(min_tissue_fraction),
+        **encoder_info(encoder, which),
+    }
+
+
 def embed_slide_tiles(
     encoder: ImageEncoder,
     slide_path: str | Path,
@@ -153,14 +173,9 @@ def embed_slide_tiles(
     for key, value in (meta or {}).items():
         obs[key] = value
     info = {
-        "kind": "tiles",
-        "slide_path": str(slide_path),
+        **tile_settings(encoder, which, slide_path, tile_um_per_px, tile_px, min_tissue_fraction),
         "slide_um_per_px": um_per_px,
-        "tile_um_per_px": float(tile_um_per_px),
-        "tile_px": int(tile_px),
-        "min_tissue_fraction": float(min_tissue_fraction),
         "n_grid_tiles": n_grid,
-        **encoder_info(encoder, which),
     }
     write_embeddings(out_path, embeddings, obs, info)
     update_index(
@@ -172,4 +187,4 @@ def embed_slide_tiles(
     return out_path
 
 
-__all__ = ["tissue_tile_grid", "read_tile", "embed_slide_tiles"]
+__all__ = ["tissue_tile_grid", "read_tile", "tile_settings", "embed_slide_tiles"]

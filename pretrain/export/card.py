@@ -12,7 +12,7 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-from .load import TECH_MEAN_NAME, VOCAB_NAME
+from .load import TECH_MEAN_NAME, VOCAB_JSON_NAME, VOCAB_NAME
 
 TEMPLATE_PATH = Path(__file__).with_name("card_template.md")
 
@@ -92,6 +92,7 @@ def render_model_card(summary: Mapping[str, Any], tokenizer: Mapping[str, Any]) 
     data = summary["data"]
     target_um_per_px = image["crop"].get("target_um_per_px")
     values = {
+        "license": summary.get("license") or "other",
         "proj_dim": mc["proj_dim"],
         "image_arch": image["architecture"],
         "image_kwargs": json.dumps(image["model_args"]),
@@ -108,6 +109,7 @@ def render_model_card(summary: Mapping[str, Any], tokenizer: Mapping[str, Any]) 
         "modality": tokenizer["modality"],
         "organism": tokenizer["organism"],
         "vocab_file": VOCAB_NAME,
+        "vocab_json": VOCAB_JSON_NAME,
         "tech_mean_file": f" and `cell_encoder/{TECH_MEAN_NAME}`" if tokenizer.get("tech_mean") else "",
         "checkpoint_dir": summary["source"]["checkpoint_dir"],
         "tag": summary["source"]["tag"],

@@ -51,6 +51,7 @@ WEIGHTS_NAME = "model.safetensors"  # timm's preferred file name in a local-dir 
 PROJECTION_NAME = "projection.safetensors"
 CONFIG_NAME = "config.json"
 VOCAB_NAME = "vocab.tsv"
+VOCAB_JSON_NAME = "vocab.json"  # the same token ids as {token: id}, special tokens included
 TECH_MEAN_NAME = "tech_mean.npy"
 IMAGE_FORMAT, CELL_FORMAT = "past-image-encoder", "past-cell-encoder"  # the "format" tags of the two config.json
 WHICH = ("backbone", "projected")  # ImageEncoder outputs: pooled backbone features, joint-space embedding

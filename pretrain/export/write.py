@@ -64,6 +64,7 @@ from .load import (
     IMAGE_FORMAT,
     PROJECTION_NAME,
     TECH_MEAN_NAME,
+    VOCAB_JSON_NAME,
     VOCAB_NAME,
     WEIGHTS_NAME,
     load_cell_encoder,
@@ -315,12 +316,14 @@ def export_checkpoint(
     manifest: str | Path | None = None,
     overrides: Sequence[str] = (),
     verify: bool = True,
+    license: str = "other",
 ) -> dict:
     """Write the export folder (see the module docstring) from a DeepSpeed checkpoint; its summary.
 
     ``checkpoint``: the run folder, its ``checkpoints/`` folder (``latest`` or ``tag``) or a tag
     folder. ``config``: a run config replacing the one saved with the checkpoint; ``manifest``:
-    the shard manifest (default: the config's ``data.manifest``). All inputs are checked before
+    the shard manifest (default: the config's ``data.manifest``). ``license``: the Hugging Face
+    licence identifier the model card declares (e.g. ``cc-by-nc-4.0``; ``other`` by default). All inputs are checked before
     anything is written; the folder appears complete or not at all.
     """
     check_overrides(overrides)
@@ -376,6 +379,7 @@ def export_checkpoint(
         cell_state = {k: v for k, v in model.state_dict().items() if not k.startswith(IMAGE_PREFIX)}
         _save_safetensors(cell_state, cell_dir / WEIGHTS_NAME)
         shutil.copyfile(vocab_path, cell_dir / VOCAB_NAME)
+        vocab.save_json(cell_dir / VOCAB_JSON_NAME)
         if tech_mean_path is not None:
             shutil.copyfile(tech_mean_path, cell_dir / TECH_MEAN_NAME)
         _write_json(
@@ -386,6 +390,7 @@ def export_checkpoint(
         differences = verify_export(model, tmp) if verify else None
         summary = {
             "format_version": EXPORT_FORMAT_VERSION,
+            "license": license,
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "source": {"checkpoint_dir": str(location.ckpt_dir), "tag": location.tag, "config": str(config_path)},
             "step": step,

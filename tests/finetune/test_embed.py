@@ -109,6 +109,9 @@ def test_embed_shards_writes_every_sample_once_per_slide_with_coordinates(assets
         assert adata.X.shape == (adata.n_obs, encoder.num_features) and adata.X.dtype == np.float32
         assert {"x_um", "y_um", "he_x_px", "he_y_px", "patient", "cancer_type", "key"} <= set(adata.obs.columns)
         assert adata.uns["embedding"]["kind"] == "cells" and adata.uns["embedding"]["which"] == "backbone"
+        # Where scanpy / squidpy look: obsm["spatial"] (µm) and the embedding under obsm.
+        np.testing.assert_array_equal(adata.obsm["spatial"], adata.obs[["x_um", "y_um"]].to_numpy(float))
+        np.testing.assert_array_equal(adata.obsm["X_emb"], adata.X)
     # Rows belong to their cells: re-embed two crops straight from the shards and compare.
     from finetune.embed import iter_shard_samples
 
@@ -203,6 +206,36 @@ def test_run_embed_handles_shards_and_slides_from_one_config(assets, half_tissue
         run_embed(OmegaConf.merge(cfg, {"slides": [{"path": str(tmp_path / "missing.svs")}]}))
     with pytest.raises(InputError, match="which"):
         run_embed(OmegaConf.merge(cfg, {"which": "cls"}))
+
+
+def test_many_slides_continue_where_they_stopped_and_split_over_processes(assets, half_tissue_slide, tmp_path):
+    slides = [{"path": str(half_tissue_slide), "id": f"wsi{i}"} for i in range(3)]
+    cfg = OmegaConf.create(
+        {
+            "out_dir": str(tmp_path / "emb"),
+            "encoder": {"source": "export", "path": str(assets["export"])},
+            "progress": False,
+            "slides": slides,
+            "tiles": {"um_per_px": 2.0, "size_px": 32},
+        }
+    )
+    # Two processes, as on two GPUs: disjoint slides, one shared index.
+    first = run_embed(OmegaConf.merge(cfg, {"part": "0/2"}))
+    second = run_embed(OmegaConf.merge(cfg, {"part": "1/2"}))
+    assert set(first["files"]) == {"wsi0", "wsi2"} and set(second["files"]) == {"wsi1"}
+    index = json.loads((tmp_path / "emb" / "embeddings.json").read_text())
+    assert set(index["slides"]) == {"wsi0", "wsi1", "wsi2"}
+    # A rerun skips what is done with the same settings (files untouched) ...
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "emb").glob("*.h5ad")}
+    again = run_embed(cfg)
+    assert sorted(again["skipped"]) == ["wsi0", "wsi1", "wsi2"]
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "emb").glob("*.h5ad")} == stamps
+    # ... and embeds again when a setting changed, or when a file is damaged.
+    (tmp_path / "emb" / "wsi1.h5ad").write_bytes(b"cut short")
+    changed = run_embed(OmegaConf.merge(cfg, {"slides": slides[:2], "tiles": {"size_px": 16}}))
+    assert changed["skipped"] == [] and read_embeddings(changed["files"]["wsi1"]).uns["embedding"]["tile_px"] == 16
+    with pytest.raises(InputError, match="part"):
+        run_embed(OmegaConf.merge(cfg, {"part": "2/2"}))
 
 
 def test_decode_jpeg_round_trip_of_a_shard_crop(assets):

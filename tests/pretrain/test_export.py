@@ -23,13 +23,14 @@ import pytest
 import scipy.sparse as sp
 import timm
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from common.atomic import write_json
 from common.config import apply_schema, save_config
 from common.errors import InputError
 from data_shards.tokenize import rank_tokens, save_tech_mean
-from data_shards.vocabulary import Vocabulary
+from data_shards.vocabulary import PAD, Vocabulary
 from pretrain import checkpoint as ckpt
 from pretrain.config import PretrainConfig
 from pretrain.export import export_checkpoint, load_cell_encoder, load_image_encoder
@@ -309,6 +310,11 @@ def test_vocabulary_tech_mean_and_tokenizer_round_trip(runs, exports):
     adata.var_names = [f"GENE{i}" for i in range(3, 15)]
     expected = rank_tokens(adata, shards / "vocab.tsv", shards / "tech_mean.npy", **TOKENS)
     np.testing.assert_array_equal(encoder.tokenize(adata), expected)
+    # vocab.json: the same ids as the tokenizer writes into the tokens (genes and context tokens).
+    table = json.loads((cell_dir / "vocab.json").read_text())["vocab"]
+    assert [table[g] for g in shard_vocab.genes] == [shard_vocab.token_id(g) for g in shard_vocab.genes]
+    assert table["[PAD]"] == PAD and table[f"assay:{TOKENS['assay']}"] == expected[0, 0]
+    assert len(set(table.values())) == len(table)
 
 
 def test_model_card_names_the_arch_the_manifest_hash_the_step_and_the_metrics(runs, exports):
@@ -319,6 +325,9 @@ def test_model_card_names_the_arch_the_manifest_hash_the_step_and_the_metrics(ru
     for key in ("loss", "retrieval_top1_img_to_cell", "retrieval_top1_cell_to_img", "chance"):
         assert f"{FINAL_METRICS[key]:.4g}" in card
     assert "timm.create_model" in card and "load_cell_encoder" in card
+    # Hugging Face front matter: a YAML block the Hub reads (library, licence, tags).
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["library_name"] == "timm" and front["license"] == "other" and "histopathology" in front["tags"]
     # The zero-3 run has no final_metrics.json: the card says so instead of inventing figures.
     assert "No `final_metrics.json`" in (exports[3] / "README.md").read_text()
 
