@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,11 +22,12 @@ from . import pipeline
 from .manifest import verify_shards
 from .register import Registration, register_bundle
 from .schema import DataConfig, slide_register_config
+from .spatialdata_export import write_spatialdata
 from .synthetic import make_bundle
 
 log = logging.getLogger(__name__)
 
-SHARD_COMMANDS = ("build", "register", "prepare", "merge", "verify")
+SHARD_COMMANDS = ("build", "register", "prepare", "merge", "verify", "spatialdata")
 
 
 def run_make_bundle(cfg: DictConfig) -> dict:
@@ -46,16 +48,45 @@ def run_make_bundle(cfg: DictConfig) -> dict:
     return truth
 
 
+def registration_folder(cfg: DictConfig, slide: Any) -> Path:
+    """Where a slide's registration.json is: beside the file the config names, else ``<out_dir>/registration/<id>``."""
+    return (
+        Path(slide.registration).parent
+        if slide.get("registration")
+        else Path(cfg.out_dir) / "registration" / str(slide.id)
+    )
+
+
+def run_spatialdata(cfg: DictConfig) -> dict:
+    """Every slide as a SpatialData store ``<out_dir>/spatialdata/<slide id>.zarr`` (H&E pyramid, cells, counts)."""
+    cfg = apply_schema(DataConfig, cfg)
+    written = {}
+    for slide in cfg.slides:
+        registration = registration_folder(cfg, slide) / "registration.json"
+        if not registration.is_file():
+            raise InputError(
+                registration, f"slides[{slide.id}]", "a registration (run `make_shards.py register`)", "missing"
+            )
+        settings = slide_register_config(cfg.register, slide)
+        out = Path(cfg.out_dir) / "spatialdata" / f"{slide.id}.zarr"
+        info = write_spatialdata(
+            slide.bundle, settings["he_slide"], registration, out, he_um_per_px=slide.get("he_um_per_px")
+        )
+        written[str(slide.id)] = info
+        print(
+            f"[spatialdata] {slide.id}: {info['n_cells']:,} cells × {info['n_genes']} genes, H&E "
+            f"{info['he_shape_px'][1]}×{info['he_shape_px'][0]} px in {info['pyramid_levels']} levels -> {out} "
+            f"(cells placed by the global fit: {info['global_fit_rms_px']:.2f} px RMS from the per-region map)"
+        )
+    return written
+
+
 def run_register(cfg: DictConfig) -> dict:
     """Fit, check and save every slide's registration under ``registration_dir/<slide id>/``."""
     cfg = apply_schema(DataConfig, cfg)
     reports = {}
     for slide in cfg.slides:
-        out = (
-            Path(slide.registration).parent
-            if slide.get("registration")
-            else Path(cfg.out_dir) / "registration" / str(slide.id)
-        )
+        out = registration_folder(cfg, slide)
         pipeline.check_output_folder(
             out, f"slides[{slide.id}].registration" if slide.get("registration") else "out_dir"
         )
@@ -96,6 +127,8 @@ def run_make_shards(command: str, cfg: DictConfig) -> dict | None:
         return run_register(cfg)
     if command == "prepare":
         return pipeline.prepare(cfg)
+    if command == "spatialdata":
+        return run_spatialdata(cfg)
     if command == "verify":
         result = verify_shards(cfg.out_dir)
         print(

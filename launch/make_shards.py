@@ -6,6 +6,7 @@
     python launch/make_shards.py --config ... only_slides=[S1] merge=false                  # one array task
     python launch/make_shards.py merge --config ...     # manifest.json from completed slides
     python launch/make_shards.py verify --config ...    # read every shard back with tar and webdataset
+    python launch/make_shards.py spatialdata --config ...  # each slide as a SpatialData zarr (H&E, cells, counts)
 
 Settings: a data config (``data_shards.schema.DataConfig``); unknown keys are refused.
 """
