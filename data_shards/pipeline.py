@@ -23,10 +23,13 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +73,9 @@ def slide_config_hash(cfg: DictConfig, slide: DictConfig, vocab_sha: str) -> str
     relevant = {
         k: resolved.get(k) for k in ("matrix", "min_qv", "tokens", "neighbours", "crop", "qc", "shards", "register")
     }
-    # How the shuffle is staged (memory or spill) does not change a byte of the shards.
-    relevant["shards"] = {k: v for k, v in (relevant["shards"] or {}).items() if k != "memory_budget_mb"}
+    # How the shuffle is staged (memory or spill) and how many threads encode do not change a byte of the shards.
+    staging = ("memory_budget_mb", "encode_threads")
+    relevant["shards"] = {k: v for k, v in (relevant["shards"] or {}).items() if k not in staging}
     relevant["slide"] = OmegaConf.to_container(slide, resolve=True) if isinstance(slide, DictConfig) else slide
     relevant["inputs"] = _input_fingerprint(relevant["slide"])
     relevant["vocab_sha256"] = vocab_sha
@@ -216,6 +220,49 @@ def _sample_meta(
     return out
 
 
+def encode_threads(cfg: DictConfig) -> int:
+    """JPEG-encoding threads per slide process: ``shards.encode_threads``, else the cores left per worker."""
+    if cfg.shards.get("encode_threads"):
+        return max(1, int(cfg.shards.encode_threads))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, int(cfg.workers)))
+
+
+def encoded_crops(
+    crops: Iterator[tuple[int, np.ndarray]], quality: int, threads: int, spent: dict[str, float]
+) -> Iterator[tuple[int, bytes]]:
+    """(cell index, JPEG bytes) in the order of ``crops``, encoded in ``threads`` threads.
+
+    imagecodecs' encoder releases the GIL, so while the threads encode, the caller assembles and
+    writes earlier samples. ``spent["encode_jpeg"]`` gets the time the caller waited for encodings
+    (with one thread: the encoding time itself).
+    """
+    if threads <= 1:
+        for j, crop in crops:
+            t0 = time.perf_counter()
+            jpg = encode_jpeg(crop, quality)
+            spent["encode_jpeg"] += time.perf_counter() - t0
+            yield j, jpg
+        return
+    pending: deque = deque()
+    with ThreadPoolExecutor(threads, thread_name_prefix="jpeg") as pool:
+        for j, crop in crops:
+            # A copy: the crop reader reuses its block and carry buffers once the next block is read.
+            pending.append((j, pool.submit(encode_jpeg, np.array(crop), quality)))
+            if len(pending) >= 8 * threads:
+                j0, future = pending.popleft()
+                t0 = time.perf_counter()
+                jpg = future.result()
+                spent["encode_jpeg"] += time.perf_counter() - t0
+                yield j0, jpg
+        while pending:
+            j0, future = pending.popleft()
+            t0 = time.perf_counter()
+            jpg = future.result()
+            spent["encode_jpeg"] += time.perf_counter() - t0
+            yield j0, jpg
+
+
 def shard_slide(
     slide: DictConfig,
     cfg: DictConfig,
@@ -295,13 +342,13 @@ def shard_slide(
                 seed=int(cfg.shards.seed),
                 memory_budget_bytes=int(cfg.shards.memory_budget_mb) << 20,
             )
-            # Split of the crop loop's time: JPEG encoding, sample assembly, spilling to the writer;
-            # what remains of the loop is reading and cropping the slide.
+            # Split of the crop loop's time: waiting for JPEG encodings, sample assembly, spilling to
+            # the writer; what remains of the loop is reading and cropping the slide.
             spent = {"encode_jpeg": 0.0, "assemble_sample": 0.0, "spill": 0.0}
+            threads = encode_threads(cfg)
+            crops = reader.iter_crops(kept_px)
             try:
-                for j, crop in reader.iter_crops(kept_px):
-                    t0 = time.perf_counter()
-                    jpg = encode_jpeg(crop, int(cfg.shards.jpeg_quality))
+                for j, jpg in encoded_crops(crops, int(cfg.shards.jpeg_quality), threads, spent):
                     t1 = time.perf_counter()
                     nbr_tokens, nbr_offsets = neighbour_sample(j, tokens, neighbours)
                     sample_meta = _sample_meta(
@@ -319,14 +366,16 @@ def shard_slide(
                     sample = encode_sample(f"{slide_id}_{j:08d}", jpg, tokens[j], nbr_tokens, nbr_offsets, sample_meta)
                     t2 = time.perf_counter()
                     writer.add(j, sample)
-                    spent["encode_jpeg"] += t1 - t0
                     spent["assemble_sample"] += t2 - t1
                     spent["spill"] += time.perf_counter() - t2
                 lap("crop_loop")
                 timings["read_and_crop"] = round(timings.pop("crop_loop") - sum(spent.values()), 3)
                 timings.update({k: round(v, 3) for k, v in spent.items()})
                 log.info(
-                    "slide %s: samples %s", slide_id, "shuffled in memory" if writer.in_memory else "spilled to disk"
+                    "slide %s: samples %s, JPEG encoded in %d thread(s)",
+                    slide_id,
+                    "shuffled in memory" if writer.in_memory else "spilled to disk",
+                    threads,
                 )
                 shards = writer.finish()
             except BaseException:

@@ -148,6 +148,9 @@ class ShardsConfig:
     # a slide's encoded samples are shuffled in memory while they fit this many MB (written once);
     # above it they are spilled to disk per shard and read back (same shard bytes either way)
     memory_budget_mb: int = 4096
+    # threads JPEG-encoding the crops of one slide (the encoder releases the GIL, so they run beside
+    # the sample assembly); null = the machine's cores / workers. Shard bytes do not depend on it.
+    encode_threads: Optional[int] = None
 
 
 @dataclass

@@ -307,7 +307,7 @@ def test_slide_um_per_px_override_reaches_registration_and_crops(bundle, tmp_pat
     assert report["he_um_per_px_slide"] == pytest.approx(override)
 
 
-def test_in_memory_shuffle_writes_the_same_shard_bytes_as_the_spill_route(bundle, tmp_path, monkeypatch):
+def test_in_memory_shuffle_and_threaded_encoding_write_the_same_shard_bytes(bundle, tmp_path, monkeypatch):
     flushes = []
     original_flush = pipeline.ShuffledShardWriter._flush
     monkeypatch.setattr(
@@ -315,9 +315,13 @@ def test_in_memory_shuffle_writes_the_same_shard_bytes_as_the_spill_route(bundle
         "_flush",
         lambda self, bucket: flushes.append(bucket) or original_flush(self, bucket),
     )
-    held = pipeline.build_shards(_config(bundle, tmp_path / "memory"))  # default budget: the slide fits
+    # Default budget: the slide fits in memory; one encoding thread.
+    held = pipeline.build_shards(_config(bundle, tmp_path / "memory", shards={"encode_threads": 1}))
     assert not flushes, "a slide within shards.memory_budget_mb must not be spilled"
-    spilled = pipeline.build_shards(_config(bundle, tmp_path / "spill", shards={"memory_budget_mb": 0}))
+    # Spilled, and the crops JPEG-encoded by 3 threads: still the same samples in the same order.
+    spilled = pipeline.build_shards(
+        _config(bundle, tmp_path / "spill", shards={"memory_budget_mb": 0, "encode_threads": 3})
+    )
     assert flushes, "memory_budget_mb 0 must take the spill route"
     assert [s["path"] for s in spilled["shards"]] == [s["path"] for s in held["shards"]]
     assert len(held["shards"]) >= 2
