@@ -86,6 +86,17 @@ class FigureConfig:
 
 
 @dataclass
+class ControlsConfig:
+    """Positive and negative controls, and bootstrap intervals (``finetune.controls``)."""
+
+    oracle: Optional[str] = "auto"  # planted truth: auto | a sample-json column | an annotation CSV | none
+    shuffled_oracle: bool = True  # the oracle on labels permuted between cells: must not beat random
+    random_seeds: int = 3  # random-weight encoders (baseline: random); the first also runs every mode
+    n_blocks: int = 20  # spatial blocks of the test cells (k-means per slide) resampled by the bootstrap
+    n_boot: int = 1000  # bootstrap resamples for the 95 % intervals
+
+
+@dataclass
 class GenesConfig:
     """``launch/finetune.py genes``: single-cell gene-expression prediction from H&E crops."""
 
@@ -108,6 +119,7 @@ class GenesConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # end-to-end training
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)  # cluster agreement
     figure: FigureConfig = field(default_factory=FigureConfig)  # spatial maps
+    controls: ControlsConfig = field(default_factory=ControlsConfig)  # oracle, random seeds, intervals
 
 
 __all__ = [
@@ -119,5 +131,6 @@ __all__ = [
     "LinearProbeConfig",
     "FinetuneConfig",
     "ClusteringConfig",
+    "ControlsConfig",
     "FigureConfig",
 ]

@@ -57,8 +57,10 @@ from common.config import apply_schema, save_config
 from common.errors import InputError
 from data_shards.sample import decode_jpeg
 
+from ..controls import block_bootstrap, difference, gate, interval, mean_and_sd, spatial_blocks, verdict
 from ..embed import embed_images
 from ..encoders import ImageEncoder, load_encoder, random_like
+from ..metrics import pearson_per_gene
 from ..report import Column, finite, format_table, write_metrics
 from .config import GenesConfig
 from .data import CellData, load_cell_data, select_genes
@@ -71,6 +73,7 @@ from .evaluate import (
     summarise_pearson,
 )
 from .model import LinearHead, finetune_end_to_end, fit_linear_probe
+from .oracle import load_oracle
 from .splits import SETTINGS, split_cells
 
 log = logging.getLogger(__name__)
@@ -141,9 +144,60 @@ def _run_mode(
     return predicted.astype(np.float32), {"epoch_losses": losses, "seconds": round(time.perf_counter() - started, 1)}
 
 
+def _controls(cfg, data: CellData, split, measured: np.ndarray, predictions, results, main_encoder: str) -> dict:
+    """Bootstrap intervals of every run's mean r (paired: the same block resamples), the controls gate,
+    and the encoder-vs-random-seeds verdicts; adds ``mean_pearson_ci`` to ``results`` in place."""
+    xy = data.obs[["x_um", "y_um"]].to_numpy(float)[split.test]
+    slides = data.obs["slide"].astype(str).to_numpy()[split.test]
+    blocks = spatial_blocks(xy, slides, int(cfg.controls.n_blocks), seed=int(cfg.seed))
+    replicates = {}
+    for name, predicted in predictions.items():
+        replicates[name] = block_bootstrap(
+            lambda rows, p=predicted: float(np.nanmean(pearson_per_gene(p[rows], measured[rows]))),
+            blocks,
+            int(cfg.controls.n_boot),
+            seed=int(cfg.seed),
+        )
+        results[name]["mean_pearson_ci"] = list(interval(replicates[name]))
+    summary: dict = {"n_blocks": int(len(np.unique(blocks))), "n_boot": int(cfg.controls.n_boot)}
+    lines, verdicts, versus = [], {}, {}
+    randoms = [n for n in predictions if n.split("/")[0].startswith("random") and n.endswith("/linear_probe")]
+    if randoms:
+        values = {n: results[n]["mean_pearson"] for n in randoms}
+        mean, sd = mean_and_sd(values)
+        random_reps = np.mean([replicates[n] for n in randoms], axis=0)
+        summary["random_linear_probe"] = {"seeds": len(randoms), "mean": mean, "sd": sd, "runs": values}
+        lines.append(f"random encoders ({len(randoms)} seeds, linear probe): mean r {mean:.3f} ± {sd:.3f}")
+        if "oracle/linear_probe" in predictions:
+            shuffled = "oracle_shuffled/linear_probe"
+            verdict_gate = gate(
+                (results["oracle/linear_probe"]["mean_pearson"], replicates["oracle/linear_probe"]),
+                (mean, random_reps),
+                (results[shuffled]["mean_pearson"], replicates[shuffled]) if shuffled in predictions else None,
+            )
+            summary["gate"] = verdict_gate.as_dict()
+            lines.append(verdict_gate.describe())
+        ours = f"{main_encoder}/linear_probe"
+        if ours in predictions:
+            diff = difference(results[ours]["mean_pearson"] - mean, replicates[ours], random_reps)
+            versus["linear_probe"] = {"versus_random_seeds": diff.as_dict()}
+            verdicts["linear_probe"] = verdict(
+                f"{main_encoder} encoder (mean r)", diff, f"{len(randoms)} random encoders"
+            )
+        for mode in cfg.modes:
+            ours, base = f"{main_encoder}/{mode}", f"random/{mode}"
+            if mode != "linear_probe" and ours in predictions and base in predictions:
+                delta = results[ours]["mean_pearson"] - results[base]["mean_pearson"]
+                diff = difference(delta, replicates[ours], replicates[base])
+                versus[mode] = {"versus_random_seed_1": diff.as_dict()}
+                verdicts[mode] = verdict(f"{main_encoder} encoder (mean r)", diff, "the random encoder")
+    return {"summary": summary, "text": "\n".join(lines), "verdicts": verdicts, "versus_random": versus}
+
+
 RESULT_COLUMNS = (
     Column("run", 28, "run", align="<"),
     Column("mean r", 7, "mean_pearson", ".3f"),
+    Column("95% CI", 15, lambda r: "[{:.3f}, {:.3f}]".format(*r["mean_pearson_ci"]) if "mean_pearson_ci" in r else "–"),
     Column("median r", 9, "median_pearson", ".3f"),
     Column("r>0.3", 7, lambda r: f"{r['n_genes_r_above_0.3']:>3}/{r['n_genes_defined']:<3}"),
     Column("ARI clusters", 13, "ari_clusters", ".3f"),
@@ -171,7 +225,8 @@ def run_genes(cfg) -> dict:
     main_encoder = "random_init" if encoder.description.get("source") == "random" else "pretrained"
     encoders = {main_encoder: encoder}
     if cfg.baseline == "random":
-        encoders["random"] = random_like(encoder, seed=seed + 1)
+        for k in range(1, max(1, int(cfg.controls.random_seeds)) + 1):
+            encoders["random" if k == 1 else f"random{k}"] = random_like(encoder, seed=seed + k)
     data = load_cell_data(cfg.data.manifest, OmegaConf.to_container(cfg.data.bundles, resolve=True), progress)
     gap_um = cfg.split.gap_um if cfg.split.gap_um is not None else _crop_width_um(data.obs, data.jpegs)
     split = split_cells(
@@ -209,9 +264,20 @@ def run_genes(cfg) -> dict:
         )
         probe = fit_linear_probe(features[split.train], targets[split.train], list(cfg.linear_probe.alphas))
         probes[encoder_name] = probe
-        for mode in cfg.modes:
+        # Extra random seeds are a negative control of the frozen features; only the first trains end to end.
+        modes = cfg.modes if encoder_name in (main_encoder, "random") else ["linear_probe"]
+        for mode in modes:
             name = f"{encoder_name}/{mode}"
             predictions[name], fits[name] = _run_mode(mode, model, data, targets, split, cfg, features, probe, name)
+    oracle = load_oracle(data, cfg.controls.oracle, OmegaConf.to_container(cfg.data.bundles, resolve=True))
+    if oracle is not None:
+        truths = {"oracle": oracle.features()}
+        if cfg.controls.shuffled_oracle:
+            truths["oracle_shuffled"] = oracle.features(oracle.shuffled(seed))
+        for name, features in truths.items():
+            probe = fit_linear_probe(features[split.train], targets[split.train], list(cfg.linear_probe.alphas))
+            predictions[f"{name}/linear_probe"] = probe.predict(features[split.test])
+            fits[f"{name}/linear_probe"] = {"alpha": probe.alpha, "truth": oracle.source}
 
     table = gene_table(genes, measured, {k.replace("/", "_"): v for k, v in predictions.items()})
     results: dict[str, dict] = {}
@@ -236,6 +302,7 @@ def run_genes(cfg) -> dict:
         labels[name] = (measured_labels, predicted_labels, transferred)
 
     main = next(iter(predictions))
+    controls = _controls(cfg, data, split, measured, predictions, results, main_encoder)
     comparison = {}
     if cfg.baseline == "random":
         for mode in cfg.modes:
@@ -247,6 +314,7 @@ def run_genes(cfg) -> dict:
                 **paired_gene_comparison(
                     table[f"pearson_{main_encoder}_{mode}"].to_numpy(), table[f"pearson_random_{mode}"].to_numpy()
                 ),
+                **controls["versus_random"].get(mode, {}),
             }
     main_r = table[f"pearson_{main.replace('/', '_')}"].to_numpy()
     figure_genes = (
@@ -268,6 +336,7 @@ def run_genes(cfg) -> dict:
         "leiden_backend": leiden_backend(),
         "results": results,
         "comparison_with_random": comparison,
+        "controls": controls["summary"],
         "main_run": main,
         "figures": [f"spatial_{g}.png" for g in figure_genes],
         "seconds": None,
@@ -305,11 +374,15 @@ def run_genes(cfg) -> dict:
     text = format_results(results, header)
     top = ", ".join(f"{g} {r:.2f}" for g, r in results[main]["top_genes"].items())
     text += f"\nbest genes ({main}): {top}"
+    text += "\n" + controls["text"]
     for mode, c in comparison.items():
-        verdict = "beats" if c["encoder_beats_random"] else "does NOT beat"
+        if not controls["summary"].get("gate", {}).get("passes", True):
+            continue  # the controls failed: a comparison would mean nothing
+        line = controls["verdicts"].get(mode)
         text += (
-            f"\n{mode}: encoder {verdict} the random-weight baseline (Δ mean r = {c['delta_mean_pearson']:+.3f}; "
-            f"better on {c['genes_won']}/{c['genes_compared']} genes, paired Wilcoxon p = {c['wilcoxon_p']:.2g})"
+            f"\n{mode}: {line or ''}"
+            f"{'; ' if line else ''}better on {c['genes_won']}/{c['genes_compared']} genes, "
+            f"paired Wilcoxon p = {c['wilcoxon_p']:.2g}"
         )
         if not c["encoder_beats_random"]:
             log.warning("%s: the encoder does not beat the random-weight baseline", mode)

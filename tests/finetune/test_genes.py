@@ -265,6 +265,34 @@ def test_run_genes_writes_metrics_tables_figure_and_predictions(synthetic, capsy
     assert len(result["results"]["pretrained/finetune"]["epoch_losses"]) == 1
 
 
+def test_controls_pass_with_the_planted_truth_and_withhold_the_comparison_with_a_junk_oracle(synthetic, capsys):
+    cfg = _config(
+        synthetic, synthetic["root"] / "controls", genes={"intra": ["G0", "G1", "G2"]}, controls={"n_boot": 300}
+    )
+    result = run_genes(cfg)  # oracle: auto -> the sample json's planted `t`
+    printed = capsys.readouterr().out
+    controls = result["controls"]
+    assert controls["random_linear_probe"]["seeds"] == 3
+    assert {"oracle/linear_probe", "oracle_shuffled/linear_probe", "random3/linear_probe"} <= set(result["results"])
+    assert controls["gate"]["passes"] and "controls pass" in printed
+    assert result["results"]["oracle/linear_probe"]["top_genes"]["G0"] > 0.9  # G0 follows t
+    assert controls["gate"]["shuffled_vs_random"]["delta"] < 0  # permuted truth carries nothing
+    low, high = result["results"]["pretrained/linear_probe"]["mean_pearson_ci"]
+    assert low <= result["results"]["pretrained/linear_probe"]["mean_pearson"] <= high
+    assert "random encoders" in printed and "linear_probe:" in printed
+
+    # An "oracle" that is noise: the harness cannot separate it from random, so no comparison is printed.
+    data = load_cell_data(synthetic["manifest"], progress=False)
+    junk = synthetic["root"] / "junk.csv"
+    labels = np.random.default_rng(0).integers(0, 3, len(data.obs))
+    data.obs[["slide", "cell_id"]].assign(label=labels).to_csv(junk, index=False)
+    cfg = OmegaConf.merge(cfg, {"out_dir": str(synthetic["root"] / "junk"), "controls": {"oracle": str(junk)}})
+    result = run_genes(cfg)
+    printed = capsys.readouterr().out
+    assert not result["controls"]["gate"]["passes"] and "controls FAIL" in printed
+    assert "linear_probe: " not in printed.split("controls FAIL")[1]
+
+
 def test_run_genes_refuses_settings_the_metadata_cannot_support_before_writing(synthetic, tmp_path):
     manifest = write_synthetic_cells(tmp_path / "one", [{"id": "a", "n_cells": 40, "meta": {"patient": "P1"}}])
     cfg = _config(synthetic, tmp_path / "out", setting="cross", data={"manifest": str(manifest)})
