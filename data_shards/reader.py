@@ -12,10 +12,21 @@ extension), so they slot into a ``wds.DataPipeline`` in place of ``wds.tarfile_t
 
 from __future__ import annotations
 
+import http.client
+import logging
 import re
-from collections.abc import Iterable, Iterator
+import shlex
+import time
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from webdataset.gopen import gopen
 
 from common.errors import InputError
+
+log = logging.getLogger(__name__)
 
 BLOCK = 512  # tar block size, bytes
 _READ_BUFFER = 1 << 20
@@ -43,44 +54,110 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return records
 
 
-def tar_members(path: str) -> Iterator[tuple[str, bytes]]:
-    """(name, content) of each regular file of a tar, in order, reading the file once."""
-    with open(path, "rb", buffering=_READ_BUFFER) as stream:
-        pax: dict[str, str] = {}
-        long_name: str | None = None
-        while True:
-            header = stream.read(BLOCK)
-            if len(header) < BLOCK or header == b"\0" * BLOCK:
-                return
-            size = _octal(header[124:136])
-            kind = header[156:157]
-            padded = -(-size // BLOCK) * BLOCK
-            content = stream.read(padded)[:size] if kind != b"5" else b""
-            if len(content) < size:
-                raise InputError(
-                    path, "tar", "a complete tar member", f"truncated after {len(content)} of {size} bytes"
-                )
-            if kind == b"x":  # pax header for the next member
-                pax = _pax_records(content)
-                continue
-            if kind == b"g":  # pax global header: nothing we need
-                continue
-            if kind == b"L":  # GNU long name for the next member
-                long_name = content.rstrip(b"\0").decode("utf-8")
-                continue
-            if kind not in (b"0", b"\0", b"7"):
-                pax, long_name = {}, None
-                continue
-            name = pax.get("path") or long_name
-            if name is None:
-                prefix = header[345:500].rstrip(b"\0").decode("utf-8")
-                name = header[0:100].rstrip(b"\0").decode("utf-8")
-                if prefix:
-                    name = f"{prefix}/{name}"
-            if "size" in pax and int(pax["size"]) != size:  # pax size overrides a too-large field
-                raise InputError(path, name, "member sizes below 8 GiB", pax["size"])
+def _stream_members(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
+    """(name, content) of each regular file of a tar stream, in order."""
+    pax: dict[str, str] = {}
+    long_name: str | None = None
+    while True:
+        header = stream.read(BLOCK)
+        if header == b"\0" * BLOCK:
+            return  # tar's end-of-archive blocks
+        if len(header) < BLOCK:
+            # Every tar writer ends with zero blocks; a stream that stops before them was cut short
+            # (a truncated file, or a connection that closed between two members).
+            raise InputError(path, "tar", "the end-of-archive blocks after the last member", "the stream ended first")
+        size = _octal(header[124:136])
+        kind = header[156:157]
+        padded = -(-size // BLOCK) * BLOCK
+        content = stream.read(padded)[:size] if kind != b"5" else b""
+        if len(content) < size:
+            raise InputError(path, "tar", "a complete tar member", f"truncated after {len(content)} of {size} bytes")
+        if kind == b"x":  # pax header for the next member
+            pax = _pax_records(content)
+            continue
+        if kind == b"g":  # pax global header: nothing we need
+            continue
+        if kind == b"L":  # GNU long name for the next member
+            long_name = content.rstrip(b"\0").decode("utf-8")
+            continue
+        if kind not in (b"0", b"\0", b"7"):
             pax, long_name = {}, None
-            yield name, content
+            continue
+        name = pax.get("path") or long_name
+        if name is None:
+            prefix = header[345:500].rstrip(b"\0").decode("utf-8")
+            name = header[0:100].rstrip(b"\0").decode("utf-8")
+            if prefix:
+                name = f"{prefix}/{name}"
+        if "size" in pax and int(pax["size"]) != size:  # pax size overrides a too-large field
+            raise InputError(path, name, "member sizes below 8 GiB", pax["size"])
+        pax, long_name = {}, None
+        yield name, content
+
+
+def shard_url(root: str | Path, path: str) -> str:
+    """Where a manifest's shard entry is: a URL as it is (``http(s)://``, ``s3://``, ``gs://``, ``pipe:``…),
+    an absolute path as it is, else the path relative to the manifest's folder."""
+    if "://" in path or path.startswith("pipe:") or Path(path).is_absolute():
+        return path
+    return str(Path(root) / path)
+
+
+def is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://") or url.startswith("pipe:")
+
+
+def open_shard(url: str, timeout_s: float = 60.0) -> BinaryIO:
+    """A binary stream of one shard.
+
+    Local paths are opened directly; ``http(s)://`` through urllib (no external tool); ``s3://`` by
+    piping ``aws s3 cp <url> -`` (the AWS CLI with its usual credentials); ``gs://``, ``pipe:<command>``
+    and the other schemes webdataset knows through ``webdataset.gopen`` (``gsutil``, a shell command).
+    """
+    if url.startswith("file://"):
+        url = url[len("file://") :]
+    if not is_remote(url):
+        return open(url, "rb", buffering=_READ_BUFFER)
+    if url.startswith(("http://", "https://")):
+        return urllib.request.urlopen(url, timeout=timeout_s)  # noqa: S310 (the user's own shard URLs)
+    if url.startswith("s3://"):
+        url = f"pipe:aws s3 cp {shlex.quote(url)} -"
+    return gopen(url, "rb")
+
+
+def tar_members(
+    url: str, retries: int = 3, backoff_s: float = 1.0, sleep: Callable[[float], None] = time.sleep
+) -> Iterator[tuple[str, bytes]]:
+    """(name, content) of each regular file of a shard, in order, reading it once.
+
+    A remote stream that breaks (connection reset, short read, HTTP error) is reopened up to
+    ``retries`` times with exponential backoff (``backoff_s``, 2×, 4×…), skipping the members
+    already yielded; after that, or for a local file, the error is raised (one InputError naming the
+    shard), and the training loader counts the shard's remaining samples as bad.
+    """
+    done = 0
+    attempt = 0
+    while True:
+        try:
+            with open_shard(url) as stream:
+                for index, member in enumerate(_stream_members(stream, url)):
+                    if index < done:
+                        continue  # yielded before the stream broke
+                    yield member
+                    done += 1
+            return
+        except (OSError, InputError, EOFError, http.client.HTTPException) as exc:
+            if not is_remote(url) or attempt >= retries:
+                if isinstance(exc, InputError):
+                    raise
+                raise InputError(
+                    url, None, "a readable shard", f"{type(exc).__name__}: {exc} after {attempt} retries"
+                ) from exc
+            log.warning(
+                "shard %s: %s; retrying in %.1f s (%d/%d)", url, exc, backoff_s * 2**attempt, attempt + 1, retries
+            )
+            sleep(backoff_s * 2**attempt)
+            attempt += 1
 
 
 def tar_samples(sources: Iterable[dict]) -> Iterator[dict]:
