@@ -20,6 +20,7 @@ from .sample import SAMPLE_KEYS, decode_sample
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
+WIDS_INDEX_NAME = "wids_index.json"  # the same shards as webdataset's indexed-dataset (wids) descriptor
 SLIDE_MANIFEST_NAME = "slide_manifest.json"
 FORMAT_VERSION = 1
 
@@ -30,6 +31,21 @@ def slide_manifests(shard_dir: str | Path) -> list[dict]:
     for path in sorted(Path(shard_dir).glob(f"*/{SLIDE_MANIFEST_NAME}")):
         found.append(read_json_file(path, "a slide manifest"))
     return found
+
+
+def write_wids_index(shard_dir: Path, shards: list[dict]) -> Path:
+    """``wids_index.json``: the shards as a ``wids-shard-index-v1`` descriptor (url relative to this file,
+    nsamples, filesize), so ``wids.ShardListDataset`` can index samples at random without a scan."""
+    index = {
+        "__kind__": "wids-shard-index-v1",
+        "wids_version": 1,
+        "name": shard_dir.name,
+        "shardlist": [
+            {"url": s["path"], "nsamples": int(s["n_samples"]), "filesize": (shard_dir / s["path"]).stat().st_size}
+            for s in shards
+        ],
+    }
+    return write_json(shard_dir / WIDS_INDEX_NAME, index)
 
 
 def merge_manifests(shard_dir: str | Path, vocabulary: dict, config: dict, tech_mean: dict | None = None) -> dict:
@@ -63,6 +79,7 @@ def merge_manifests(shard_dir: str | Path, vocabulary: dict, config: dict, tech_
         "slides": {s["slide"]: {k: v for k, v in s.items() if k != "shards"} for s in slides},
         "config": config,
     }
+    write_wids_index(shard_dir, shards)
     write_json(shard_dir / MANIFEST_NAME, manifest)
     log.info("manifest: %d samples in %d shards from %d slides", manifest["n_samples"], len(shards), len(slides))
     return manifest
