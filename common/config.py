@@ -50,11 +50,18 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), *, schem
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise InputError(None, "command line", "overrides of the form key=value", " ".join(bad))
-    if overrides:
+    for override in overrides:
+        # One at a time with OmegaConf.update: a key may reach into a list (slides.0.registration=...),
+        # which a merged dot-list cannot.
+        key, value = override.split("=", 1)
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-        except OmegaConfBaseException as exc:
-            raise InputError(None, "command line", "overrides of the form key=value", _first_line(exc)) from exc
+            # The YAML value (number, list, mapping, null); an interpolation stays unresolved until the end.
+            parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={value}"]), resolve=False)["value"]
+            OmegaConf.update(cfg, key, parsed, merge=True, force_add=True)
+        except (OmegaConfBaseException, IndexError, TypeError, ValueError) as exc:
+            raise InputError(
+                None, f"command line [{key}]", "an override key=value that fits the settings", _first_line(exc)
+            ) from exc
     # Name where the settings came from; with overrides the key may be in either.
     source = " + ".join(([str(path)] if path is not None else []) + (["command line"] if overrides else [])) or None
     cfg = apply_schema(schema, cfg, source=source)

@@ -68,6 +68,11 @@ class CohortConfig:
     base_cell_embeddings: Optional[str] = None  # a folder/file of real cell embeddings whose means form the cell tokens
     base_cells: BaseCellsConfig = field(default_factory=BaseCellsConfig)  # or cell embeddings made here
     encoder_name: str = "synthetic"  # the name of the image source when no encoder embeds a base slide
+    # A bundle with ground_truth_cells.parquet: each base tile's planted cell-state share makes ONE cohort for
+    # every encoder (risk in which tissue a bag holds); null = a direction planted in each encoder's own space
+    states_from: Optional[str] = None
+    risk_cell_types: list[str] = field(default_factory=lambda: ["immune"])  # planted types whose share is the state
+    tilt: float = 1.5  # how strongly a patient's image latent tilts which tiles their bag draws
 
 
 @dataclass
@@ -113,6 +118,10 @@ class SurvivalConfig:
     cohort: CohortConfig = field(default_factory=CohortConfig)  # the synthetic demo cohort
     model: MCATConfig = field(default_factory=MCATConfig)  # MCAT
     train: SurvivalTrainConfig = field(default_factory=SurvivalTrainConfig)  # cross-validation and training
+    baseline: Optional[str] = "random"  # random: a random-weight copy of the first encoder joins the comparison
+    baseline_modes: Optional[list[str]] = None  # modes the random encoder trains; null = all (ridge-Cox always)
+    ridge_cox: bool = True  # reference rows: ridge-Cox on each encoder's mean patch embedding (+ the oracle)
+    n_boot: int = 1000  # bootstrap resamples of patients for the 95 % intervals of the pooled C-index
 
 
 __all__ = [

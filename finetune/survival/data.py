@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from common.errors import InputError
 
@@ -255,19 +255,26 @@ def read_cell_embeddings(path: str | Path, cohort: Cohort) -> np.ndarray:
 
 
 def patient_folds(
-    case_ids: Sequence[str], events, n_folds: int = 5, seed: int = 0
+    case_ids: Sequence[str], events, n_folds: int = 5, seed: int = 0, groups: Sequence[str] | None = None
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """K folds over patients, stratified by event status: [(train_idx, test_idx), ...].
 
     Indices refer to positions in `case_ids` (one per patient). Every patient is in exactly one
-    test fold and never in the training set of the same fold (checked).
+    test fold and never in the training set of the same fold (checked). With ``groups`` (e.g. the
+    tissue source site, as TCGA studies split), a group's patients are all in one test fold.
     """
     case_ids = list(case_ids)
     if len(set(case_ids)) != len(case_ids):
         raise InputError(None, "case_id", "one entry per patient", "duplicates")
     events = np.asarray(events).astype(int)
-    splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    folds = [(np.sort(tr), np.sort(te)) for tr, te in splitter.split(np.zeros(len(case_ids)), events)]
+    if groups is not None:
+        splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        splits = splitter.split(np.zeros(len(case_ids)), events, np.asarray(groups))
+    else:
+        splits = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(
+            np.zeros(len(case_ids)), events
+        )
+    folds = [(np.sort(tr), np.sort(te)) for tr, te in splits]
     seen = np.concatenate([te for _, te in folds])
     assert len(seen) == len(case_ids) and len(np.unique(seen)) == len(case_ids), "a patient in two test folds"
     for train, test in folds:

@@ -117,9 +117,12 @@ def paired_gains(fold_metrics: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["encoder", "comparison", "mean_gain", "sd_gain", "folds_won", "folds"])
 
 
+# Reference rows (finetune.survival.reference) beside the trained modes.
+DISPLAY_NAMES = {**MODE_NAMES, "ridge_cox": "ridge-Cox"}
+
 SUMMARY_COLUMNS = (
     Column("encoder", 14, "encoder", align="<"),
-    Column("mode", 15, lambda r: MODE_NAMES[r["mode"]], align="<"),
+    Column("mode", 15, lambda r: DISPLAY_NAMES[r["mode"]], align="<"),
     Column("Harrell C", 15, lambda r: f"{r['harrell_mean']:>7.3f} ± {r['harrell_sd']:<5.3f}"),
     Column("Uno C", 15, lambda r: f"{r['uno_mean']:>7.3f} ± {r['uno_sd']:<5.3f}"),
     Column("log-rank p", 11, "logrank_p", ".2g"),
@@ -135,4 +138,12 @@ def format_summary(summary: pd.DataFrame, p_values: Mapping[tuple[str, str], flo
     return format_table(rows, SUMMARY_COLUMNS, sep=" ", missing=None)
 
 
-__all__ = ["logrank_p", "plot_kaplan_meier", "summary_table", "PAIRED_COMPARISONS", "paired_gains", "format_summary"]
+__all__ = [
+    "DISPLAY_NAMES",
+    "logrank_p",
+    "plot_kaplan_meier",
+    "summary_table",
+    "PAIRED_COMPARISONS",
+    "paired_gains",
+    "format_summary",
+]

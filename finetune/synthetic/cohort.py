@@ -229,4 +229,182 @@ def make_cohort(
     }
 
 
-__all__ = ["SIGNATURE_GROUPS", "make_cohort"]
+def tile_states(tiles: pd.DataFrame, cells_px: np.ndarray, cell_labels: np.ndarray, risk_labels) -> np.ndarray:
+    """(n_tiles,) share of each tile's planted cells whose label is in ``risk_labels`` (0 for an empty tile).
+
+    ``tiles``: ``tile_x0_px``, ``tile_y0_px``, ``tile_size_px`` (level-0 px, as ``finetune.embed`` writes
+    them); ``cells_px``: (n_cells, 2) planted cell centres in the same pixels.
+    """
+    index = cells_in_tiles(tiles, cells_px)
+    risky = np.isin(np.asarray(cell_labels).astype(str), [str(r) for r in risk_labels])
+    counts = np.bincount(index[index >= 0], minlength=len(tiles))
+    hits = np.bincount(index[(index >= 0) & risky], minlength=len(tiles))
+    return np.where(counts > 0, hits / np.maximum(counts, 1), 0.0)
+
+
+def cells_in_tiles(tiles: pd.DataFrame, cells_px: np.ndarray) -> np.ndarray:
+    """(n_cells,) row of the tile holding each cell centre, -1 outside every tile (tiles do not overlap)."""
+    x0, y0 = tiles["tile_x0_px"].to_numpy(float), tiles["tile_y0_px"].to_numpy(float)
+    size = tiles["tile_size_px"].to_numpy(float)
+    cells_px = np.asarray(cells_px, dtype=np.float64).reshape(-1, 2)
+    inside = (
+        (cells_px[:, None, 0] >= x0)
+        & (cells_px[:, None, 0] < x0 + size)
+        & (cells_px[:, None, 1] >= y0)
+        & (cells_px[:, None, 1] < y0 + size)
+    )  # (n_cells, n_tiles)
+    return np.where(inside.any(axis=1), inside.argmax(axis=1), -1)
+
+
+def make_shared_cohort(
+    out_dir: str | Path,
+    tile_embeddings: dict[str, np.ndarray],
+    tile_state: np.ndarray,
+    *,
+    tile_cell_embeddings: list[np.ndarray] | None = None,
+    tile_sites: np.ndarray | None = None,
+    n_patients: int = 160,
+    seed: int = 0,
+    image_effect: float = 1.0,
+    genomic_effect: float = 1.0,
+    cell_effect: float = 0.5,
+    tilt: float = 1.5,
+    censoring_fraction: float = 0.3,
+    baseline_median_months: float = 30.0,
+    follow_up_months: float = 120.0,
+    patches_per_slide: tuple[int, int] = (40, 120),
+    cell_dim: int = 32,
+) -> dict:
+    """One cohort for every encoder: risk planted in *which tissue* each patient's bag holds.
+
+    Each patient's image latent z_image tilts which tiles of the base slide their bag draws
+    (probability ∝ exp(tilt · z_image · s), s = the standardised planted ``tile_state``, e.g. the
+    share of immune cells), so the bag's real cell-state composition carries the risk. Every encoder
+    in ``tile_embeddings`` ({name: (n_tiles, D)}, the same tiles in the same order) gets its own
+    embeddings of the *same* drawn tiles: encoders are compared on how well they read the tissue,
+    not on a direction planted in their own space. With ``tile_cell_embeddings`` (per tile, the
+    cell-encoder embeddings of its cells) a patient's cell token is the mean over the cells of their
+    drawn tiles (real cells, no planted direction); otherwise noise plus ``cell_effect`` · z_cell
+    along a hidden direction. Genes as in :func:`make_cohort`.
+
+    ``tile_sites`` (n_tiles,) puts each tile in a "site" (e.g. a spatial block of the slide); patient i
+    then draws only from site i mod n_sites and clinical.csv gets a ``site`` column, so that
+    cross-validation by site (``patient_folds(groups=...)``) tests on tissue no training patient had.
+    Without it, any encoder that gives tiles distinct embeddings — even random ones — can learn
+    which *tiles* mean risk from the training patients and find them again in the test patients.
+
+    Writes ``clinical.csv``, ``signatures.csv``, ``patch_embeddings/<encoder>/<slide>.npz``,
+    ``cell_embeddings.csv``, ``ground_truth.json`` (per patient: latents, drawn tiles, bag state).
+    """
+    if n_patients < 10:
+        raise InputError(None, "n_patients", "at least 10 patients (5 folds with events in each)", n_patients)
+    n_tiles = len(tile_state)
+    for name, embeddings in tile_embeddings.items():
+        if len(embeddings) != n_tiles:
+            raise InputError(None, f"tile_embeddings[{name}]", f"{n_tiles} tiles, one per tile state", len(embeddings))
+    rng = np.random.default_rng([seed, 2])
+    out_dir = Path(out_dir)
+    state = np.asarray(tile_state, dtype=np.float64)
+    standardised = (state - state.mean()) / (state.std() or 1.0)
+    real_cells = tile_cell_embeddings is not None
+    sites = None if tile_sites is None else np.asarray(tile_sites)
+    site_names = None if sites is None else np.unique(sites)
+    z_image, z_genomic, z_cell = rng.standard_normal((3, n_patients))
+    log_hazard = image_effect * z_image + genomic_effect * z_genomic + (0.0 if real_cells else cell_effect * z_cell)
+    baseline_rate = np.log(2) / baseline_median_months
+    event_months = -np.log(rng.uniform(size=n_patients)) / (baseline_rate * np.exp(log_hazard))
+    censor_draws = rng.uniform(size=n_patients)
+    rate = _censoring_rate(event_months, censor_draws, censoring_fraction, follow_up_months)
+    censor_months = np.minimum(-np.log(censor_draws) / rate if rate > 0 else np.inf, follow_up_months)
+    censored = censor_months < event_months
+    months = np.minimum(event_months, censor_months)
+
+    genes = [(group, gene) for group, members in SIGNATURE_GROUPS.items() for gene in members]
+    loadings = {g: -0.8 for g in SIGNATURE_GROUPS["Tumor Suppression"]}
+    loadings.update({g: 0.8 for g in SIGNATURE_GROUPS["Oncogenesis"]})
+    if real_cells:
+        cell_dim = next(len(e[0]) for e in tile_cell_embeddings if len(e))
+    direction_cell = _unit(rng, cell_dim)
+    case_ids = [f"P{i:04d}" for i in range(n_patients)]
+    rows, patients, cell_means = [], {}, np.zeros((n_patients, cell_dim), np.float32)
+    with atomic_dir(out_dir) as tmp:
+        for name in tile_embeddings:
+            (tmp / "patch_embeddings" / name).mkdir(parents=True)
+        for i, case in enumerate(case_ids):
+            n = int(rng.integers(patches_per_slide[0], patches_per_slide[1] + 1))
+            pool = np.arange(n_tiles) if sites is None else np.flatnonzero(sites == site_names[i % len(site_names)])
+            weights = np.exp(tilt * z_image[i] * standardised[pool])
+            drawn = np.sort(pool[rng.choice(len(pool), n, replace=True, p=weights / weights.sum())])
+            slide = f"{case}-S0"
+            side = int(np.ceil(np.sqrt(n)))
+            coords_px = PATCH_PX * np.stack([np.arange(n) % side, np.arange(n) // side], axis=1)
+            for name, embeddings in tile_embeddings.items():
+                np.savez(
+                    tmp / "patch_embeddings" / name / f"{slide}.npz",
+                    embeddings=np.asarray(embeddings[drawn], dtype=np.float32),
+                    coords=coords_px.astype(np.int64),
+                )
+            row = {
+                "case_id": case,
+                **({} if sites is None else {"site": str(site_names[i % len(site_names)])}),
+                "slide_id": slide,
+                "survival_months": round(float(months[i]), 4),
+                "censorship": int(censored[i]),
+            }
+            for group, gene in genes:
+                value = loadings.get(gene, 0.0) * z_genomic[i] + rng.standard_normal()
+                row[f"{gene}_rnaseq"] = round(float(value), 4)
+                if group == "Tumor Suppression":
+                    row[f"{gene}_cnv"] = int(np.clip(np.round(0.5 * value + 0.5 * rng.standard_normal()), -2, 2))
+            rows.append(row)
+            if real_cells:
+                members = [tile_cell_embeddings[t] for t in drawn if len(tile_cell_embeddings[t])]
+                cell_means[i] = np.concatenate(members).mean(0) if members else 0.0
+            else:
+                cell_means[i] = rng.standard_normal(cell_dim) * 0.5 + z_cell[i] * direction_cell
+            patients[case] = {
+                "z_image": float(z_image[i]),
+                "z_genomic": float(z_genomic[i]),
+                "z_cell": None if real_cells else float(z_cell[i]),
+                "log_hazard": float(log_hazard[i]),
+                "bag_state": float(state[drawn].mean()),
+                "tiles": drawn.tolist(),
+            }
+        pd.DataFrame(rows).to_csv(tmp / "clinical.csv", index=False)
+        pd.DataFrame([{"group": g, "gene": gene} for g, gene in genes]).to_csv(tmp / "signatures.csv", index=False)
+        cells = pd.DataFrame(cell_means, columns=[f"emb_{k}" for k in range(cell_dim)])
+        cells.insert(0, "case_id", case_ids)
+        cells.to_csv(tmp / "cell_embeddings.csv", index=False, float_format="%.6g")
+        write_json(
+            tmp / "ground_truth.json",
+            {
+                "kind": "shared",
+                "n_patients": n_patients,
+                "seed": seed,
+                "tilt": tilt,
+                "censored_fraction": float(censored.mean()),
+                "effects": {
+                    "image": image_effect,
+                    "genomic": genomic_effect,
+                    "cell": 0.0 if real_cells else cell_effect,
+                },
+                "tile_state": state.tolist(),
+                "genomic_loadings": loadings,
+                "patients": patients,
+            },
+        )
+    log.info("shared synthetic cohort: %d patients, %.0f%% censored → %s", n_patients, 100 * censored.mean(), out_dir)
+    return {
+        "out_dir": out_dir,
+        "clinical_csv": out_dir / "clinical.csv",
+        "signatures_csv": out_dir / "signatures.csv",
+        "embeddings_dirs": {name: out_dir / "patch_embeddings" / name for name in tile_embeddings},
+        "cell_embeddings": out_dir / "cell_embeddings.csv",
+        "log_hazard": log_hazard,
+        "bag_state": np.array([patients[c]["bag_state"] for c in case_ids]),
+        "censored": censored,
+        "survival_months": months,
+    }
+
+
+__all__ = ["SIGNATURE_GROUPS", "cells_in_tiles", "make_cohort", "make_shared_cohort", "tile_states"]

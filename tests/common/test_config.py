@@ -121,6 +121,19 @@ def test_load_config_yaml_and_overrides(tmp_path):
     assert str(path) in str(info.value) and info.value.field == "crop.sise"
 
 
+def test_overrides_reach_into_lists_and_replace_them_whole(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("slides:\n  - {id: a, bundle: b1}\n  - {id: c, bundle: b2}\n")
+    cfg = load_config(path, ["slides.1.bundle=moved", "tags=[x, y]"], schema=Schema)
+    assert [s.bundle for s in cfg.slides] == ["b1", "moved"] and list(cfg.tags) == ["x", "y"]
+    cfg = load_config(path, ["slides=[{id: z, bundle: only}]"], schema=Schema)
+    assert [s.id for s in cfg.slides] == ["z"]
+    with pytest.raises(InputError, match=r"slides\.5\.bundle"):
+        load_config(path, ["slides.5.bundle=x"], schema=Schema)  # no such list item: one clear error
+    with pytest.raises(InputError, match="did you mean `slides.bundle`|bundle"):
+        load_config(path, ["slides.0.bundel=x"], schema=Schema)
+
+
 def test_load_config_bad_inputs(tmp_path):
     with pytest.raises(InputError, match="no such file"):
         load_config(tmp_path / "missing.yaml", schema=Schema)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -14,6 +15,7 @@ from sksurv.metrics import concordance_index_censored
 
 from common.config import apply_schema
 from common.errors import InputError
+from finetune.controls import difference, gate
 from finetune.survival import (
     MCAT,
     SurvivalConfig,
@@ -31,7 +33,9 @@ from finetune.survival import (
     run_survival,
     torch_threads,
 )
+from finetune.survival.reference import c_index_replicates, mean_bags, ridge_cox_cv
 from finetune.synthetic import make_cohort
+from finetune.synthetic.cohort import cells_in_tiles, make_shared_cohort, tile_states
 
 SMALL_MODEL = {"dim": 32, "n_heads": 2, "n_layers": 1, "dropout": 0.25, "n_bins": 4}
 FAST_TRAIN = {
@@ -274,6 +278,7 @@ def test_run_survival_writes_tables_and_kaplan_meier(tmp_path, capsys):
             "cohort": {"synthetic": True, "n_patients": 40, "embedding_dim": 8, "cell_dim": 4},
             "model": SMALL_MODEL,
             "train": {**FAST_TRAIN, "epochs": 2},
+            "ridge_cox": False,
         },
     )
     result = run_survival(cfg)
@@ -320,3 +325,75 @@ def test_paired_gains_compare_the_same_folds_by_hand():
         assert gains.loc[name, "sd_gain"] == pytest.approx(diff.std(ddof=1))
         assert gains.loc[name, "folds_won"] == int((diff > 0).sum())
     assert (gains["encoder"] == "E").all() and (gains["folds"] == 3).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# One cohort for every encoder; reference rows and controls
+
+
+def test_tiles_and_their_planted_states_by_hand():
+    tiles = pd.DataFrame({"tile_x0_px": [0, 100], "tile_y0_px": [0, 0], "tile_size_px": [100, 100]})
+    cells = np.array([[10, 10], [50, 99], [150, 20], [250, 20]])  # two in tile 0, one in tile 1, one outside
+    np.testing.assert_array_equal(cells_in_tiles(tiles, cells), [0, 0, 1, -1])
+    states = tile_states(tiles, cells, np.array(["immune", "fibroblast", "immune", "immune"]), ["immune"])
+    np.testing.assert_allclose(states, [0.5, 1.0])
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    state = rng.uniform(0, 1, 200)  # 200 tiles
+    reads_tissue = np.column_stack([state + rng.normal(0, 0.05, 200), rng.normal(0, 1, (200, 7))])
+    blind = rng.normal(0, 1, (200, 8))  # an encoder that sees nothing of the state
+    made = make_shared_cohort(
+        tmp_path_factory.mktemp("shared") / "cohort",
+        {"reads": reads_tissue, "blind": blind},
+        state,
+        tile_sites=np.arange(200) % 5,
+        n_patients=150,
+        seed=1,
+        image_effect=1.5,
+        genomic_effect=0.0,
+        cell_effect=0.0,
+        tilt=2.0,
+    )
+    cohort = read_clinical(made["clinical_csv"], read_signatures(made["signatures_csv"]))
+    return made, cohort, {"reads": reads_tissue, "blind": blind}
+
+
+def test_shared_cohort_gives_every_encoder_the_same_tiles_and_plants_risk_in_the_tissue(shared):
+    made, cohort, tables = shared
+    truth = json.loads((made["out_dir"] / "ground_truth.json").read_text())
+    for case in cohort.case_ids[:5]:
+        drawn = truth["patients"][case]["tiles"]
+        for name, table in tables.items():
+            bag = load_embedding_file(made["embeddings_dirs"][name] / f"{case}-S0.npz")
+            np.testing.assert_allclose(bag, table[drawn], rtol=1e-6)
+    z = np.array([truth["patients"][c]["z_image"] for c in cohort.case_ids])
+    assert np.corrcoef(z, made["bag_state"])[0, 1] > 0.8  # the bag's composition follows the latent
+
+
+def test_ridge_cox_and_the_controls_separate_a_tissue_reader_from_a_blind_encoder(shared):
+    made, cohort, tables = shared
+    sites = pd.read_csv(made["clinical_csv"]).set_index("case_id").loc[cohort.case_ids, "site"].to_numpy()
+    folds = patient_folds(cohort.case_ids, cohort.events, 5, 0, groups=sites)
+    for _, test in folds:  # each test fold is whole sites: tissue no training patient drew from
+        assert not set(sites[test]) & set(np.delete(sites, test))
+    runs = {"oracle": made["bag_state"][:, None]}
+    for name in tables:
+        runs[name] = mean_bags(load_bags(cohort, made["embeddings_dirs"][name]))
+    pooled = {}
+    for name, features in runs.items():
+        fold_metrics, oof = ridge_cox_cv(features, cohort, folds)
+        assert len(fold_metrics) == 5 and oof["case_id"].nunique() == len(cohort)
+        pooled[name] = c_index_replicates(oof, cohort.case_ids, 300, 0)
+    assert pooled["oracle"][0] > 0.65 and pooled["reads"][0] > 0.6
+    assert gate(pooled["oracle"], pooled["blind"]).passes  # the harness tells truth from blindness
+    assert not gate(pooled["blind"], pooled["blind"]).passes  # and finds nothing in a blind run
+    versus = difference(pooled["reads"][0] - pooled["blind"][0], pooled["reads"][1], pooled["blind"][1])
+    assert versus.excludes_zero and versus.estimate > 0
+    # Control that must fail: without sites, folds share tiles and a blind encoder learns which tiles
+    # mean risk, scoring far above chance.
+    mixed = patient_folds(cohort.case_ids, cohort.events, 5, 0)
+    _, oof = ridge_cox_cv(runs["blind"], cohort, mixed)
+    assert c_index_replicates(oof, cohort.case_ids, 10, 0)[0] > pooled["blind"][0] + 0.1
