@@ -47,7 +47,8 @@ class BundleConfig:
 class RegisterConfig:
     """One bundle's registration (``data_shards.register.register_bundle``); paths relative to the bundle."""
 
-    # Explorer keypoints: fixedX,fixedY (Xenium morphology px, see keypoints_fixed_unit), alignmentX,alignmentY (H&E px)
+    # Explorer keypoints: fixedX,fixedY (Xenium morphology px, see keypoints_fixed_unit), alignmentX,alignmentY (H&E px);
+    # "auto" = found between the DAPI morphology image and the H&E (data_shards.register.auto), saved as auto_keypoints.csv
     keypoints: Optional[str] = "he/keypoints.csv"
     keypoints_fixed_unit: str = "morphology_px"  # fixedX,fixedY unit: "morphology_px" (as Explorer writes) or "um"
     alignment: Optional[str] = None  # optional Explorer alignment CSV; when set it is used instead of fitting
@@ -75,7 +76,16 @@ class RegisterConfig:
     # of the slide) / (1 - tissue share) below this (1 = all on tissue, 0 = chance); null = no check
     min_on_tissue_excess: Optional[float] = 0.5
     tissue_thumbnail_px: int = 2048  # side of the H&E thumbnail the on-tissue check's tissue mask is computed on
-    random_state: int = 0  # k-means seed
+    random_state: int = 0  # k-means seed (and the RANSAC seed of keypoints: auto)
+    # the H&E is the mirror image of the Xenium frame (scanned face down): fit with x flipped; keypoints: auto
+    # refuses a mismatch between this and what it finds
+    he_mirrored: bool = False
+    # keypoints: auto only. The DAPI image, relative to the bundle; null = experiment.xenium's
+    # morphology_focus_filepath, else morphology_focus/morphology_focus_0000.ome.tif, ... morphology.ome.tif
+    morphology_image: Optional[str] = None
+    auto_max_keypoints: int = 100  # at most this many tiles (one keypoint each) over the DAPI tissue
+    auto_min_keypoints: int = 8  # refuse (images do not match) when fewer tiles match
+    auto_min_correlation: float = 0.3  # a tile matches when its DAPI/hematoxylin correlation is at least this
 
 
 @dataclass

@@ -8,11 +8,20 @@
   slide's metadata, share of mapped cells on tissue);
 - :mod:`.identity`: the bundle a registration belongs to (recorded in registration.json, checked when sharding);
 - :mod:`.report`: the console table of those numbers and the overlay PNG;
+- :mod:`.auto`: keypoints found between the Xenium DAPI image and the H&E (``keypoints: auto``);
 - :mod:`.run`: :func:`register_bundle`, the step ``launch/make_shards.py register`` runs per slide.
 
-Imports go one way: fit <- explorer <- registration <- checks, identity <- report <- run.
+Imports go one way: fit <- explorer <- registration <- checks, identity <- report <- run; fit <- auto <- run.
 """
 
+from .auto import (
+    AUTO,
+    AUTO_KEYPOINTS_FILE,
+    AutoKeypoints,
+    find_keypoints,
+    find_morphology_image,
+    write_explorer_keypoints,
+)
 from .checks import check_on_tissue, check_um_per_px, on_tissue_fraction, similarity_um_per_px
 from .explorer import (
     KEYPOINT_COLUMNS,
@@ -36,6 +45,12 @@ from .report import format_table, write_overlay
 from .run import read_cell_centroids_um, register_bundle
 
 __all__ = [
+    "AUTO",
+    "AUTO_KEYPOINTS_FILE",
+    "AutoKeypoints",
+    "find_keypoints",
+    "find_morphology_image",
+    "write_explorer_keypoints",
     "KEYPOINT_COLUMNS",
     "KEYPOINT_FIXED_UNITS",
     "XENIUM_PIXEL_SIZE_UM",

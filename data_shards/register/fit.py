@@ -18,6 +18,11 @@ from common.errors import InputError
 COLLINEAR_RTOL = 1e-3
 
 
+# x -> -x: a mirrored H&E (scanned face down) is fitted as the mirror image of the Xenium frame, so each
+# transform stays a proper similarity after this reflection (register.he_mirrored).
+MIRROR_X = np.diag([-1.0, 1.0, 1.0])
+
+
 class RegistrationError(InputError):
     """The keypoints cannot give a trustworthy registration (too few, collinear, too inaccurate)."""
 
@@ -104,6 +109,21 @@ def fit_um_to_px(
         return fit_transform(fixed_um, moving_px, scale=True, source=source)
     um_to_px = np.diag([1.0 / rigid_um_per_px, 1.0 / rigid_um_per_px, 1.0])
     return fit_transform(apply_transform(um_to_px, fixed_um), moving_px, scale=False, source=source) @ um_to_px
+
+
+def fit_um_to_px_mirrored(
+    fixed_um: np.ndarray,
+    moving_px: np.ndarray,
+    scale: bool,
+    rigid_um_per_px: float | None,
+    mirror_x: bool,
+    source: str | Path | None = None,
+) -> np.ndarray:
+    """:func:`fit_um_to_px`, after x -> -x on the fixed side when ``mirror_x`` (the result then reflects)."""
+    if not mirror_x:
+        return fit_um_to_px(fixed_um, moving_px, scale, rigid_um_per_px, source)
+    flipped = apply_transform(MIRROR_X, fixed_um)
+    return fit_um_to_px(flipped, moving_px, scale, rigid_um_per_px, source) @ MIRROR_X
 
 
 def apply_transform(matrix: np.ndarray, xy: np.ndarray) -> np.ndarray:

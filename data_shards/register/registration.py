@@ -36,7 +36,7 @@ from .fit import (
     check_alignment_matrix,
     check_pairs,
     check_spread,
-    fit_um_to_px,
+    fit_um_to_px_mirrored,
     linear_scale,
 )
 
@@ -77,6 +77,7 @@ class Registration:
         source: str | None = None,
         rigid_um_per_px: float | None = None,
         identity: dict | None = None,
+        mirror_x: bool = False,
     ):
         if not regions:
             raise ValueError("a Registration needs at least one region")
@@ -90,6 +91,8 @@ class Registration:
         self.blend_sigma_um = float(blend_sigma_um) if blend_sigma_um else self._default_sigma_um()
         # The bundle it was fitted for (folder, run/region, sha256 of cells and inputs): see .identity.
         self.identity = identity
+        # The H&E is the mirror image of the Xenium frame: every transform includes x -> -x (det < 0).
+        self.mirror_x = bool(mirror_x)
 
     # ---- constructors -----------------------------------------------------------------------
 
@@ -107,6 +110,7 @@ class Registration:
         min_points_per_region: int = 4,
         source: str | Path | None = None,
         random_state: int = 0,
+        mirror_x: bool = False,
     ) -> Registration:
         """Fit from keypoint pairs: fixed (Xenium µm) -> moving (H&E level-0 px).
 
@@ -114,7 +118,8 @@ class Registration:
         or one integer label per keypoint. A region with fewer than ``min_points_per_region``
         points, or collinear ones, is merged into the nearest region (logged). ``scale=False``
         fits a rigid map on fixed coordinates converted to px with ``he_um_per_px`` (required
-        then: a rigid map cannot change units).
+        then: a rigid map cannot change units). ``mirror_x``: the H&E is a mirror image; the fits
+        run on x -> -x of the fixed points and the transforms include that reflection.
         """
         fixed, moving = check_pairs(fixed_um, moving_px, source, names=("fixed (µm)", "moving (px)"))
         if min_points_per_region < 3:
@@ -128,7 +133,7 @@ class Registration:
             rigid_um_per_px = float(he_um_per_px)
 
         def fit(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-            return fit_um_to_px(src, dst, scale, rigid_um_per_px, source)
+            return fit_um_to_px_mirrored(src, dst, scale, rigid_um_per_px, mirror_x, source)
 
         labels = _initial_labels(fixed, regions, source, random_state)
         labels = _merge_small_regions(fixed, moving, labels, min_points_per_region, source)
@@ -152,6 +157,7 @@ class Registration:
             blend_sigma_um=blend_sigma_um,
             source=source,
             rigid_um_per_px=rigid_um_per_px,
+            mirror_x=mirror_x,
         )
 
     @classmethod
@@ -289,6 +295,7 @@ class Registration:
             "rigid_um_per_px": self.rigid_um_per_px,
             "blend": self.blend,
             "blend_sigma_um": self.blend_sigma_um,
+            "mirror_x": self.mirror_x,
             "he_um_per_px": self.he_um_per_px,
             "bundle": self.identity,
             "global_transform": self.global_transform.tolist(),
@@ -351,6 +358,7 @@ class Registration:
             source=data.get("source"),
             rigid_um_per_px=data.get("rigid_um_per_px"),
             identity=data.get("bundle") if isinstance(data.get("bundle"), dict) else None,
+            mirror_x=bool(data.get("mirror_x", False)),
         )
 
     @classmethod
@@ -448,8 +456,12 @@ def leave_one_out_um(registration: Registration, region_index: int) -> np.ndarra
     for i in range(k):
         keep = np.arange(k) != i
         try:
-            transform = fit_um_to_px(
-                region.fixed_um[keep], region.moving_px[keep], registration.scale, registration.rigid_um_per_px
+            transform = fit_um_to_px_mirrored(
+                region.fixed_um[keep],
+                region.moving_px[keep],
+                registration.scale,
+                registration.rigid_um_per_px,
+                registration.mirror_x,
             )
         except RegistrationError:  # the remaining points are collinear
             continue
