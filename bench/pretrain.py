@@ -11,7 +11,10 @@ ViT-L on one GPU (synthetic inputs of the right shapes: no shards needed on the 
 
 data:  samples/s of ``pretrain.data.make_loader`` over the shards, augmentation on and off (``--workers 0``
        times one process: the rate of one worker), and ms per sample of each stage, timed by calling the
-       pipeline's own functions (tar read, JPEG decode, .npy/json, augment + normalise, collate).
+       pipeline's own functions (tar read, JPEG decode, .npy/json, collate). The workers ship uint8
+       crops and the drawn flips/jitter; ``pretrain.augment.DeviceImages`` applies them in the training
+       process (timed here on the CPU per sample, for reference: on a GPU it is a few kernels per batch).
+       Best of 3 for each figure (the machine is shared); the load average is printed with them.
 model: one process; each step split into data wait (incl. the host → device copy), forward, loss, backward
        and optimizer step (clipping + AdamW + temperature clamp), synchronised on GPU. No gather in the
        loss and no gradient all-reduce (``--deepspeed-log`` reads a real multi-rank run for those).
@@ -42,7 +45,7 @@ from data_shards.manifest import load_manifest  # noqa: E402
 from data_shards.reader import tar_samples  # noqa: E402
 from data_shards.sample import decode_sample, jpeg_decoder  # noqa: E402
 from data_shards.vocabulary import GENE_OFFSET  # noqa: E402
-from pretrain.augment import AugmentConfig, draw_dihedral  # noqa: E402
+from pretrain.augment import AugmentConfig, DeviceImages  # noqa: E402
 from pretrain.collate import BatchAssembler  # noqa: E402
 from pretrain.config import PretrainConfig  # noqa: E402
 from pretrain.data import make_loader  # noqa: E402
@@ -83,9 +86,31 @@ def best_of(fn, repeats: int = 3) -> float:
 
 
 def loader_rate(manifest: str, batch: int, workers: int, augment: bool) -> float:
-    """Samples/s over one epoch of the real loader (rank 0 of 1), worker start-up included; best of 2."""
+    """Samples/s over one epoch of the real loader (rank 0 of 1), worker start-up included; best of 3."""
     loader, steps = make_loader(manifest, batch, rank=0, world_size=1, num_workers=workers, augment=augment)
-    return steps * batch / best_of(lambda: sum(1 for _ in loader), repeats=2)
+    return steps * batch / best_of(lambda: sum(1 for _ in loader), repeats=3)
+
+
+def loader_vs_decode(manifest_path: str, batch: int) -> dict[str, float]:
+    """One worker's loader (augmentation on) against the bare JPEG decode of the same shards, timed in
+    alternation (3 rounds) so both see the same machine load; the round with the fastest loader."""
+    manifest = load_manifest(manifest_path)
+    urls = [{"url": str(Path(manifest["root"]) / s["path"])} for s in manifest["shards"]]
+    jpegs = [r["jpg"] for r in tar_samples(urls)]
+    decode = jpeg_decoder("imagecodecs")
+    loader, steps = make_loader(manifest_path, batch, rank=0, world_size=1, num_workers=0, augment=True)
+    rounds = []
+    for _ in range(3):
+        start = time.perf_counter()
+        sum(1 for _ in loader)
+        loader_ms = 1000 * (time.perf_counter() - start) / (steps * batch)
+        start = time.perf_counter()
+        for data in jpegs:
+            decode(data)
+        decode_ms = 1000 * (time.perf_counter() - start) / len(jpegs)
+        rounds.append((loader_ms, decode_ms))
+    loader_ms, decode_ms = min(rounds)
+    return {"loader_ms": loader_ms, "decode_ms": decode_ms, "ratio": loader_ms / decode_ms, "rate": 1000 / loader_ms}
 
 
 def stage_split(manifest_path: str, n: int, batch: int) -> dict[str, float]:
@@ -95,26 +120,28 @@ def stage_split(manifest_path: str, n: int, batch: int) -> dict[str, float]:
     raws = list(itertools.islice(tar_samples(urls), n))
     n = len(raws)
     decode, torchvision_decode = jpeg_decoder("imagecodecs"), jpeg_decoder("torchvision")
-    decoded = [decode_sample(r, decode) for r in raws]
     rng = np.random.default_rng(0)
-    slot = np.empty((3, *decoded[0].image.shape[:2]), dtype=np.float32)  # (3, H, W), one batch row
     on, off = BatchAssembler(AugmentConfig(), rng, rng), BatchAssembler(None, rng, rng)
+    n = n // batch * batch
+    batches = [on(raws[i : i + batch]) for i in range(0, n, batch)]
+    device_images = DeviceImages((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     seconds = {
         "tar read": lambda: list(itertools.islice(tar_samples(urls), n)),
-        "JPEG decode (imagecodecs)": lambda: [decode(r["jpg"]) for r in raws],
-        "decode_sample (JPEG + .npy + json)": lambda: [decode_sample(r, decode) for r in raws],
-        "augment + normalise": lambda: [
-            on._write_image(slot, d.image, *draw_dihedral(rng, on.augment)) for d in decoded
+        "JPEG decode (imagecodecs)": lambda: [decode(r["jpg"]) for r in raws[:n]],
+        "decode_sample (JPEG + .npy + json)": lambda: [decode_sample(r, decode) for r in raws[:n]],
+        "BatchAssembler, augment on (all but tar read)": lambda: [on(raws[i : i + batch]) for i in range(0, n, batch)],
+        "BatchAssembler, augment off": lambda: [off(raws[i : i + batch]) for i in range(0, n, batch)],
+        "(JPEG decode, torchvision)": lambda: [torchvision_decode(r["jpg"]) for r in raws[:n]],
+        "(DeviceImages on this CPU, training process)": lambda: [
+            device_images(b["image"], b["dihedral"], b["colour"]) for b in batches
         ],
-        "BatchAssembler (all but tar read)": lambda: [on(raws[i : i + batch]) for i in range(0, n, batch)],
-        "(normalise only, augment off)": lambda: [off._write_image(slot, d.image, 0, 0) for d in decoded],
-        "(JPEG decode, torchvision)": lambda: [torchvision_decode(r["jpg"]) for r in raws],
     }
     ms = {name: 1000 * best_of(fn) / n for name, fn in seconds.items()}
-    ms["collate = assembler - decode - augment"] = (
-        ms["BatchAssembler (all but tar read)"] - ms["decode_sample (JPEG + .npy + json)"] - ms["augment + normalise"]
+    ms["collate = assembler - decode_sample"] = (
+        ms["BatchAssembler, augment on (all but tar read)"] - ms["decode_sample (JPEG + .npy + json)"]
     )
-    ms["total = tar read + assembler"] = ms["tar read"] + ms["BatchAssembler (all but tar read)"]
+    ms["total = tar read + assembler"] = ms["tar read"] + ms["BatchAssembler, augment on (all but tar read)"]
+    ms["total / JPEG decode"] = ms["total = tar read + assembler"] / ms["JPEG decode (imagecodecs)"]
     return ms
 
 
@@ -122,15 +149,25 @@ def data_part(args) -> list[str]:
     batch, per = args.batch or 64, max(1, args.workers)
     rates = {augment: loader_rate(args.manifest, batch, args.workers, augment) for augment in (True, False)}
     split = stage_split(args.manifest, args.split_samples, batch)
+    versus = loader_vs_decode(args.manifest, batch)
+    load = "load average {:.2f} {:.2f} {:.2f} on {} cores".format(*os.getloadavg(), os.cpu_count())
     print(f"\ndata pipeline ({args.manifest}, batch {batch}, num_workers {args.workers}; target >= 1,500/s per worker)")
+    print(f"  {load} (other processes share this machine; every figure is the best of 3)")
     for augment, rate in rates.items():
         print(f"  augment {'on ' if augment else 'off'}: {rate:8,.0f} samples/s, {rate / per:8,.0f} per worker process")
+    print(
+        f"  loader vs bare JPEG decode, alternated: {versus['loader_ms']:.3f} vs {versus['decode_ms']:.3f} ms per "
+        f"sample = {versus['ratio']:.2f}x (target <= 1.4x), {versus['rate']:,.0f} samples/s"
+    )
     print(f"  stage split, ms per sample (first {args.split_samples} samples, best of 3):")
     for name, value in split.items():
         print(f"    {name:40s} {value:6.3f}")
     return [
         f"data pipeline, batch {batch}, num_workers {args.workers}: {rates[True] / per:,.0f} samples/s per worker "
-        f"process with augmentation, {rates[False] / per:,.0f} without (target ≥ 1,500)",
+        f"process with augmentation, {rates[False] / per:,.0f} without (target ≥ 1,500); best of 3, {load}",
+        f"loader (augmentation on, one worker) vs the bare JPEG decode of the same shards, timed in alternation, "
+        f"round with the fastest loader of 3: {versus['loader_ms']:.3f} vs {versus['decode_ms']:.3f} ms per sample "
+        f"= {versus['ratio']:.2f}x (target ≤ 1.4x), {versus['rate']:,.0f} samples/s",
         "data stage split (ms per sample): " + ", ".join(f"{k} {v:.3f}" for k, v in split.items()),
     ]
 
@@ -206,7 +243,6 @@ def train_steps(module, optimizer, batches, steps: int, warmup: int, device, pre
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        module.temperature.clamp_()
         t5 = now()
         if i >= warmup:
             for name, seconds in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
@@ -230,7 +266,16 @@ def model_part(args, device: torch.device) -> list[str]:
         eps=float(cfg.train.eps),
     )
     if args.inputs == "shards":
-        batches = iter(
+        images = DeviceImages((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+        def on_device(loader_batches):  # the trainer's _to_device: uint8 crops augmented on the device
+            for b in loader_batches:
+                moved = {k: v.to(device, non_blocking=True) for k, v in b.items() if isinstance(v, torch.Tensor)}
+                colour = moved.pop("colour", None)
+                moved["image"] = images(moved["image"], b["dihedral"], colour)
+                yield moved
+
+        batches = on_device(
             make_loader(
                 args.manifest,
                 batch,

@@ -15,6 +15,7 @@ from pathlib import Path
 from common.atomic import write_json
 from common.errors import InputError, read_json_file
 
+from .reader import is_remote, shard_url
 from .sample import SAMPLE_KEYS, decode_sample
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,9 @@ def load_manifest(
         raise InputError(
             path, "vocabulary", "path, sha256 and size of the shards' vocabulary", f"missing {missing_vocab}"
         )
-    if require_shards:
-        missing = [s["path"] for s in manifest["shards"] if not (path.parent / s["path"]).is_file()]
+    if require_shards:  # local shards must be there; remote ones (URLs) are checked when they are read
+        local = [s["path"] for s in manifest["shards"] if not is_remote(shard_url(path.parent, s["path"]))]
+        missing = [p for p in local if not (path.parent / p).is_file()]
         if missing:
             raise InputError(path, "shards", "every listed shard on disk", f"{len(missing)} missing, e.g. {missing[0]}")
     manifest["root"] = str(path.parent)

@@ -18,10 +18,13 @@ A sample draws a flip f ∈ {0, 1} and k ∈ {0, 1, 2, 3} quarter turns and appl
 then the rotation: the 8 elements of the square's symmetry group, each with probability 1/8
 (a vertical flip is a horizontal flip followed by a half turn).
 
+Where: the loader workers draw the transform and the jitter factors of each cell (seeded, so the
+stream is reproducible) and apply the transform to the neighbour offsets; :class:`DeviceImages`
+applies both to the uint8 crops on the device, on the whole batch.
+
 Colour jitter: brightness (multiply), contrast (blend with the image's mean grey), saturation
 (blend with the pixel's grey) and a per-channel gain standing in for stain-intensity variation
-between H&E slides. Together they are one affine map per image (:meth:`ColourDraw.affine`), which
-:mod:`pretrain.collate` folds with the normalisation so the pixels are touched only a few times.
+between H&E slides. Together they are one affine map per image (:meth:`ColourDraw.affine`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
+import torch
 
 from common.errors import InputError
 
@@ -46,7 +50,7 @@ class AugmentConfig:
     rot90: bool = True  # random multiple of 90°
     brightness: float = 0.1  # factor in [1 - b, 1 + b]
     contrast: float = 0.1
-    # Off by default: it mixes channels, which costs ~0.15 ms more per 224 px crop (measured).
+    # Off by default: it mixes channels (on the device: two more passes over the batch).
     saturation: float = 0.0
     channel_gain: float = 0.05  # independent factor per RGB channel (stain intensity)
 
@@ -144,3 +148,130 @@ def draw_colour(rng: np.random.Generator, config: AugmentConfig) -> ColourDraw:
     amplitudes = np.array([config.channel_gain] * 3 + [config.brightness, config.saturation, config.contrast])
     factors = 1.0 + amplitudes * rng.uniform(-1.0, 1.0, size=6)
     return ColourDraw(factors[:3], float(factors[3]), float(factors[4]), float(factors[5]))
+
+
+class DeviceImages:
+    """The loader's uint8 crops -> normalised model input, on the device, for the whole batch.
+
+    On a CUDA (or other) device: a few torch kernels per batch. On the CPU (CPU runs, tests): numpy,
+    crop by crop (measured several times faster than torch's CPU kernels on these strided layouts);
+    both compute the same map.
+
+    ``images`` uint8 (B, H, W, 3) (already on the device), ``dihedral`` int64 (B, 2) (flip, turns;
+    on the host: it only picks index sets), ``colour`` float32 (B, 6) or None (see
+    :mod:`pretrain.collate`). Returns (B, 3, H, W) in ``dtype``: x / 255, the cell's flip then
+    quarter turns (as :func:`dihedral_image`), the colour jitter of :meth:`ColourDraw.affine` with
+    the image's mean grey (estimated on every 4th pixel of every 4th row), one clamp to [0, 1], then
+    (x - mean) / std. The
+    arithmetic is float32; only the result is cast (bf16 for a bf16 run).
+    """
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise InputError(None, "image_mean/image_std", "3 values each, std > 0", (mean, std))
+        self._constants: dict = {}
+
+    def _mean_std(self, device) -> tuple:
+        if device not in self._constants:
+            self._constants[device] = (
+                torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1),
+                torch.tensor(self.std, dtype=torch.float32, device=device).view(1, 3, 1, 1),
+                torch.tensor(GREY_WEIGHTS, dtype=torch.float32, device=device).view(1, 3, 1, 1),
+            )
+        return self._constants[device]
+
+    def __call__(self, images, dihedral, colour=None, dtype=None):
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise InputError(None, "batch['image']", "uint8 (B, H, W, 3) crops", (images.dtype, tuple(images.shape)))
+        if images.device.type == "cpu":  # a CPU run: numpy, one crop at a time while it is in cache
+            return _cast(self._numpy(images, dihedral, colour), dtype)
+        return _cast(self._torch(images, dihedral, colour), dtype)
+
+    def _affine(self, colour: np.ndarray, channel_means: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Jitter + normalisation folded into z_c = D_c x_c + u_c grey + b_c for x in 0..255, then a clamp
+        to the normalised [0, 1]; grey = w·(βG x) / 255. (B, 6) factors, (B, 3) mean pixel -> (B, 3) each.
+        See ColourDraw.affine for the map."""
+        mean, std, w = np.asarray(self.mean), np.asarray(self.std), np.asarray(GREY_WEIGHTS)
+        gain, brightness, saturation, contrast = colour[:, :3], colour[:, 3:4], colour[:, 4:5], colour[:, 5:6]
+        scaled_gain = gain * brightness / 255.0  # x -> βG x / 255
+        mean_grey = (channel_means * scaled_gain * w).sum(axis=1, keepdims=True)  # (B, 1)
+        diagonal = contrast * saturation * scaled_gain / std
+        to_grey = contrast * (1.0 - saturation) / std  # times grey
+        bias = ((1.0 - contrast) * mean_grey - mean) / std
+        return diagonal, to_grey, bias, scaled_gain * w
+
+    def _numpy(self, images, dihedral, colour):
+        pixels = images.numpy()  # (B, H, W, 3) uint8
+        batch, height, width, _ = pixels.shape
+        out = np.empty((batch, 3, height, width), dtype=np.float32)
+        mean, std = np.asarray(self.mean), np.asarray(self.std)
+        pairs = dihedral.tolist()
+        if colour is None:
+            diagonal = np.broadcast_to(1.0 / (255.0 * std), (batch, 3))
+            bias = np.broadcast_to(-mean / std, (batch, 3))
+        else:
+            means = pixels[:, ::4, ::4].reshape(batch, -1, 3).mean(axis=1)  # (B, 3) mean pixel, every 4th
+            diagonal, to_grey, bias, grey_weights = self._affine(colour.numpy().astype(np.float64), means)
+        low = (-mean / std).astype(np.float32).reshape(3, 1, 1)
+        high = ((1.0 - mean) / std).astype(np.float32).reshape(3, 1, 1)
+        for i, (flip, turns) in enumerate(pairs):
+            view = dihedral_image(pixels[i], flip, turns).transpose(2, 0, 1)  # (3, H, W) strided uint8 view
+            slot = out[i]
+            np.multiply(view, diagonal[i].astype(np.float32).reshape(3, 1, 1), out=slot, casting="unsafe")
+            if colour is not None and to_grey[i, 0] != 0.0:  # saturation jitter: the pixel's grey
+                grey = np.tensordot(grey_weights[i].astype(np.float32), view, axes=1)  # (H, W)
+                slot += (to_grey[i].astype(np.float32).reshape(3, 1, 1)) * grey
+            slot += bias[i].astype(np.float32).reshape(3, 1, 1)
+            if colour is not None:
+                np.clip(slot, low, high, out=slot)
+        return torch.from_numpy(out)
+
+    def _torch(self, images, dihedral, colour):
+        # Mean pixel of each crop on every 4th pixel of every 4th row, before any flip (as _numpy).
+        means = images[:, ::4, ::4].float().mean(dim=(1, 2)).double() if colour is not None else None  # (B, 3)
+        # Flips/rotations on the uint8 crops (a quarter of the bytes), only for the cells that have one.
+        pairs = [tuple(p) for p in dihedral.tolist()]  # host tensor: no device sync
+        moved = [p for p in set(pairs) if p[0] or p[1] % 4]
+        if moved:
+            images = images.clone()
+        for flip, turns in moved:
+            index = torch.tensor([i for i, p in enumerate(pairs) if p == (flip, turns)], device=images.device)
+            part = images.index_select(0, index)  # (b, H, W, 3)
+            if flip:
+                part = part.flip(2)  # x -> -x
+            if turns % 4:
+                part = torch.rot90(part, turns % 4, dims=(1, 2))  # = np.rot90(image[y, x], k, axes=(0, 1))
+            images.index_copy_(0, index, part.contiguous())
+        mean, std, _ = self._mean_std(images.device)
+        x = images.permute(0, 3, 1, 2).float()  # (B, 3, H, W) pixel values 0..255
+        if colour is None:  # z = x / (255 std) - mean / std
+            return torch.addcmul(-mean / std, x, 1.0 / (255.0 * std))
+        colour = colour.to(device=x.device, dtype=torch.float64)
+        diagonal, to_grey, bias, grey_weights = (
+            torch.as_tensor(v, device=x.device).float().view(-1, 3, 1, 1) for v in self._affine_torch(colour, means)
+        )
+        z = torch.addcmul(bias, x, diagonal)
+        if bool((colour[:, 4] != 1.0).any()):  # host sync only when saturation jitter is on
+            grey = (x * grey_weights).sum(dim=1, keepdim=True)  # (B, 1, H, W)
+            z.addcmul_(grey, to_grey)
+        low, high = -mean / std, (1.0 - mean) / std
+        return torch.maximum(torch.minimum(z, high), low)
+
+    def _affine_torch(self, colour, means):
+        """:meth:`_affine` in torch, on the device (no host sync)."""
+        mean = torch.tensor(self.mean, dtype=torch.float64, device=colour.device)
+        std = torch.tensor(self.std, dtype=torch.float64, device=colour.device)
+        w = torch.tensor(GREY_WEIGHTS, dtype=torch.float64, device=colour.device)
+        gain, brightness, saturation, contrast = colour[:, :3], colour[:, 3:4], colour[:, 4:5], colour[:, 5:6]
+        scaled_gain = gain * brightness / 255.0
+        mean_grey = (means * scaled_gain * w).sum(dim=1, keepdim=True)
+        diagonal = contrast * saturation * scaled_gain / std
+        to_grey = contrast * (1.0 - saturation) / std
+        bias = ((1.0 - contrast) * mean_grey - mean) / std
+        return diagonal, to_grey, bias, (scaled_gain * w)
+
+
+def _cast(x, dtype):
+    return x if dtype is None else x.to(dtype)

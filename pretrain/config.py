@@ -31,14 +31,17 @@ class DataConfig:
     resample: bool = False  # draw shards with replacement (any number of shards per rank)
     augment: Any = True  # true: pretrain.augment.AugmentConfig defaults; false: none; or a dict of its fields
     decoder: str = "imagecodecs"  # JPEG decoder: imagecodecs (fastest measured), torchvision or pil
+    split: str = "samples"  # samples: equal sample ranges per rank/worker (any shard sizes); shards: whole shards
+    max_bad_fraction: float = 0.001  # stop when more than this fraction of the samples read is unreadable...
+    bad_samples_allowed: int = 10  # ...and more than this many are (unreadable samples are skipped and counted)
 
 
 @dataclass
 class TemperatureConfig:
     """The loss's learnable temperature τ (``pretrain.loss.LearnableTemperature``)."""
 
-    init: float = 0.07  # τ at initialisation
-    min: float = 0.01  # τ is clamped to [min, max] after every optimizer step
+    init: float = 0.07  # τ at initialisation (strictly between min and max)
+    min: float = 0.01  # τ = min + (max − min)·sigmoid(raw): within [min, max] under any optimizer / ZeRO stage
     max: float = 1.0
 
 
@@ -76,11 +79,24 @@ class TargetMixConfig:
 
 
 @dataclass
+class CollapseGuardConfig:
+    """Stop a run whose loss sits at ln(pairs per loss), the uniform fixed point (``pretrain.collapse``)."""
+
+    enabled: bool = True
+    epsilon: float = 0.01  # nats: |loss − ln(world size × micro batch)| below this counts as a collapsed step
+    window_steps: int = 100  # this many consecutive collapsed steps after the warm-up: warning + train/collapsed
+    stop_after_steps: Optional[int] = 1000  # ... this many: stop with an error; 0 or null: only warn
+
+
+@dataclass
 class LossConfig:
     """The similarity-adjusted contrastive loss (``pretrain.loss.similarity_adjusted_loss``)."""
 
     target_mix: TargetMixConfig = field(default_factory=TargetMixConfig)
-    detach_targets: bool = True  # no gradient through the soft targets
+    # false (the authors' code): gradient flows through the soft targets too. true: targets are labels,
+    # which makes "every embedding alike" a stationary point the run can collapse into (README, pretraining).
+    detach_targets: bool = False
+    collapse_guard: CollapseGuardConfig = field(default_factory=CollapseGuardConfig)
 
 
 @dataclass

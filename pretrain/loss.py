@@ -20,19 +20,21 @@ Target mixing (`target_mix` = λ ∈ [0, 1], default 1 = the PAST objective abov
 
     targets_λ = (1 − λ) · I + λ · targets        (and (1 − λ) · I + λ · targetsᵀ the other way)
 
-λ = 0 is CLIP's hard-target loss. Why it exists: the targets come from the model's own
-embeddings, which at random initialisation are nearly identical (all cosines ≈ 1), so the
-targets start almost uniform, and uniform logits are a fixed point of a cross-entropy against
-uniform targets: with a high learning rate the λ = 1 loss can collapse to ln(B) within a few
-steps and never leave. Ramping λ from 0 to 1 over the first epoch (`loss.target_mix` in
-pretrain.trainer) starts as CLIP, which pushes the pairs apart, and ends with the paper's
-objective once the embeddings are spread out (where the soft targets are informative).
+λ = 0 is CLIP's hard-target loss. The targets come from the model's own embeddings, nearly
+identical at random initialisation, so they start almost uniform. With detached targets the
+λ = 1 loss can then collapse to ln(B) and stay (below); starting as CLIP (λ ramped from 0,
+`loss.target_mix` in pretrain.trainer) spreads the embeddings first. With gradient through the
+targets (the default) the shipped configs use λ = 1 from step 0, the paper's objective.
 
-Targets are detached (treated as labels). BLEEP-style code lets gradients flow through them;
-we do not, because the cross-entropy's gradient w.r.t. its target pushes intra-modal
-similarities towards the cross-modal logits and adds an entropy-minimising term on the
-targets, an objective the PAST formula does not state; as labels they only reweight the
-negatives. `detach_targets=False` restores the other convention.
+Gradient through the targets (``detach_targets=False``, the default, as in the authors' and
+BLEEP's code). Detaching them (treating them as labels, ``detach_targets=True``) looks
+harmless but makes "every cell embedding equals its image embedding, all alike" a stationary
+point: with every embedding equal, the targets are uniform, the logits are uniform and a
+cross-entropy of uniform logits against fixed uniform labels has zero gradient. Measured on
+the tiny CPU config with λ = 1 from step 0 (configs/pretrain/tiny_cpu.yaml, 1 process, batch
+32, 3 epochs): detached, two of three seeds sat at ln 32 = 3.466 to the end (top-1 0.04–0.07,
+chance 0.031), as did the 2-rank run of issue #12; with gradient through the targets all three
+learned (loss 2.70–2.79, top-1 0.11–0.13). pretrain.collapse stops a run stuck there.
 
 Distributed: with torch.distributed initialised, embeddings are gathered from every rank with
 gradient and each rank computes only its block of rows (B_local rows × B global columns) in
@@ -69,13 +71,25 @@ TEMPERATURE_MAX = 1.0
 
 
 class LearnableTemperature(nn.Module):
-    """Learnable softmax temperature τ, stored as CLIP's logit_scale = log(1/τ).
+    """Learnable softmax temperature τ, bounded by construction:
 
-    Kept within [min_temperature, max_temperature] twice over: `clamp_()` after each optimizer
-    step (keeps the stored value in range, so it never drifts out where it gets no gradient)
-    and a clamp in `forward()` (a safety net, e.g. under ZeRO-3 where the parameter is
-    partitioned and clamping it in place is not possible on every rank). Exclude
-    `logit_scale` from weight decay.
+        τ = min + (max − min) · sigmoid(raw + raw_init)
+
+    where ``raw`` (the parameter, shape (1,), state-dict key ``raw``) starts at 0 and ``raw_init``
+    (a Python float fixed by the bounds and init_temperature, not a tensor) puts τ at
+    init_temperature. Whatever value an optimizer gives ``raw`` (its own copy, DeepSpeed's fp32
+    master under any ZeRO stage, a partitioned shard), τ lies in [min, max]: there is nothing to
+    clamp after the step, so no master weight can escape the bounds and no gradient is cut off
+    (the clamp of earlier versions returned zero gradient once the master passed a bound).
+
+    Precision: τ is computed in float32 (float64 for float64 parameters) whatever the
+    parameter's dtype. Under DeepSpeed bf16 the forward sees a bf16 copy of ``raw``; storing it
+    as an offset from its initial value keeps that copy near 0, where bf16 is fine-grained
+    (within |raw| ≤ 1 one bf16 step moves τ by < 0.7 %, against 1.6 % for a bf16 log(1/τ) at τ = 0.07).
+
+    Checkpoints written before this parametrisation hold ``logit_scale`` = log(1/τ); loading
+    one converts it to ``raw`` (τ clipped just inside the bounds). Exclude ``raw`` from weight decay
+    (it is 1-d, so :func:`pretrain.training_module.parameter_groups` does).
     """
 
     def __init__(
@@ -85,28 +99,39 @@ class LearnableTemperature(nn.Module):
         max_temperature: float = TEMPERATURE_MAX,
     ):
         super().__init__()
-        if not 0 < min_temperature <= init_temperature <= max_temperature:
+        if not 0 < min_temperature < max_temperature or not min_temperature < init_temperature < max_temperature:
             raise InputError(
                 None,
-                "temperature",
-                "0 < min_temperature <= init_temperature <= max_temperature",
+                "train.temperature",
+                "0 < min < init < max (init strictly inside the bounds)",
                 (min_temperature, init_temperature, max_temperature),
             )
-        # logit_scale = log(1/τ) lies in [log(1/max), log(1/min)].
-        self.min_logit_scale = math.log(1.0 / max_temperature)
-        self.max_logit_scale = math.log(1.0 / min_temperature)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        self.min_temperature = float(min_temperature)
+        self.max_temperature = float(max_temperature)
+        self.raw_init = self._logit_of(float(init_temperature))
+        self.raw = nn.Parameter(torch.zeros(1))
+
+    def _logit_of(self, temperature: float) -> float:
+        """sigmoid⁻¹ of τ's position between the bounds (τ strictly inside them)."""
+        u = (temperature - self.min_temperature) / (self.max_temperature - self.min_temperature)
+        return math.log(u / (1.0 - u))
 
     def forward(self) -> torch.Tensor:
-        """τ as a 0-dim tensor, differentiable w.r.t. logit_scale inside the allowed range."""
-        logit_scale = self.logit_scale.clamp(self.min_logit_scale, self.max_logit_scale)
-        return torch.exp(-logit_scale)
+        """τ as a 0-dim float32 (or float64) tensor in [min, max], differentiable w.r.t. ``raw``."""
+        raw = self.raw.to(torch.promote_types(self.raw.dtype, torch.float32)).reshape(())
+        span = self.max_temperature - self.min_temperature
+        return self.min_temperature + span * torch.sigmoid(raw + self.raw_init)
 
-    @torch.no_grad()
-    def clamp_(self) -> LearnableTemperature:
-        """Clamp the stored logit_scale in place; call after every optimizer step."""
-        self.logit_scale.clamp_(self.min_logit_scale, self.max_logit_scale)
-        return self
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        legacy = state_dict.get(prefix + "logit_scale")
+        if legacy is not None and prefix + "raw" not in state_dict:
+            tau = math.exp(-float(legacy.reshape(-1)[0]))
+            margin = 1e-6 * (self.max_temperature - self.min_temperature)
+            tau = min(max(tau, self.min_temperature + margin), self.max_temperature - margin)
+            state_dict = dict(state_dict)
+            del state_dict[prefix + "logit_scale"]
+            state_dict[prefix + "raw"] = torch.tensor([self._logit_of(tau) - self.raw_init])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
 
     @property
     def temperature(self) -> float:
@@ -212,7 +237,7 @@ def similarity_adjusted_loss(
     temperature: float | torch.Tensor | LearnableTemperature,
     *,
     group: dist.ProcessGroup | None = None,
-    detach_targets: bool = True,
+    detach_targets: bool = False,
     check_normalized: bool = False,
     target_mix: float = 1.0,
 ) -> torch.Tensor:

@@ -53,11 +53,22 @@ from common.logs import setup_logging
 from data_shards.manifest import load_manifest
 
 from . import checkpoint as ckpt
+from .augment import DeviceImages
+from .bad_data import BadData
+from .collapse import CollapseError, CollapseGuard
 from .config import PretrainConfig
 from .data import make_loader, steps_per_epoch_for
 from .deepspeed_config import build_deepspeed_config, use_bf16
 from .loss import LearnableTemperature, retrieval_accuracy, similarity_adjusted_loss
-from .models import build_model, estimate_flops_per_sample, resolve_model_config
+from .models import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    build_model,
+    compile_towers,
+    estimate_flops_per_sample,
+    prepare_host_batch,
+    resolve_model_config,
+)
 from .schedule import WarmupCosineSchedule, check_schedule, target_mix_at
 from .tb_logging import ScalarWriter, StepTimer, WindowMean, gather_floats, throughput_scalars
 from .training_module import PASTTrainingModule, parameter_groups, resolve_model_section
@@ -111,9 +122,10 @@ class Trainer:
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.position = Position()
         self.resume_tag: str | None = None
+        self.resume_state: dict = {}
         self.last_saved_step = -1
         self.steps_this_run = 0
-        self._step_loss = 0.0
+        self._step_loss: torch.Tensor | float = 0.0  # summed on the device; read once per optimizer step
         self._step_acc = [0.0, 0.0]
         self._is_setup = False
 
@@ -188,6 +200,8 @@ class Trainer:
         cfg.model = model_cfg  # the resolved section is what config.yaml records
         torch.manual_seed(int(cfg.seed))
         self.model = build_model(model_cfg)
+        if model_cfg["compile"]:
+            compile_towers(self.model)  # the towers only; checkpoints keep the plain state-dict keys
         temperature = LearnableTemperature(train.temperature.init, train.temperature.min, train.temperature.max)
         module = PASTTrainingModule(self.model, temperature)
         torch.manual_seed(int(cfg.seed) * 1000 + self.rank + 1)
@@ -226,7 +240,7 @@ class Trainer:
         tag = self.resume_tag = ckpt.resolve_resume(self.ckpt_dir, self.cfg.resume)
         if tag is None:
             return
-        state = ckpt.load_checkpoint(self.engine, self.ckpt_dir, tag)
+        state = self.resume_state = ckpt.load_checkpoint(self.engine, self.ckpt_dir, tag)
         pos = self.position = Position(
             int(state["step"]), int(state["epoch"]), int(state["micro_in_epoch"]), int(state.get("samples_seen", 0))
         )
@@ -291,7 +305,11 @@ class Trainer:
             steps_per_epoch=self.plan.micro_per_epoch,
             decoder=data.decoder,
             pin_memory=self.device.type == "cuda",
+            split=data.split,
         )
+        self.bad_data = BadData(float(data.max_bad_fraction), int(data.bad_samples_allowed), self.rank, self.device)
+        if self.resume_tag is not None:
+            self.bad_data.restore(self.resume_state, self.position.epoch)
 
     def _build_logging(self) -> None:
         cfg = self.cfg
@@ -312,6 +330,15 @@ class Trainer:
             self.out_dir / "debug" / f"samples_rank{self.rank}.jsonl" if cfg.debug.log_samples else None
         )
         self.window = WindowMean(int(cfg.log.window_steps))
+        guard = cfg.loss.collapse_guard
+        self.collapse_guard = CollapseGuard(
+            self.global_micro,
+            self.plan.warmup_steps,
+            epsilon=float(guard.epsilon),
+            window_steps=int(guard.window_steps),
+            stop_after_steps=guard.stop_after_steps,
+            enabled=bool(guard.enabled),
+        )
         self.timer = StepTimer()
         self.start_time = time.perf_counter()
 
@@ -321,10 +348,12 @@ class Trainer:
     def step(self, batch: Mapping[str, Any]) -> dict | None:
         """One micro batch: forward, loss, backward, DeepSpeed step (which steps the optimizer and the
         schedule at the accumulation boundary). After the last micro batch of an optimizer step:
-        τ clamped, position advanced, and that step's figures returned; before it, None."""
+        position advanced, and that step's figures returned; before it, None. (τ needs no clamp: it is a
+        bounded function of its parameter, pretrain.loss.LearnableTemperature.)"""
         pos, plan, mix = self.position, self.plan, self.cfg.loss.target_mix
         lr = self.schedule.lr
-        out = self.engine(_to_device(batch, self.device, self.float_dtype))
+        # Padding trim and niche-graph edges on the host: the forward on the device reads no size back.
+        out = self.engine(_to_device(prepare_host_batch(batch, self.model_config), self.device, self.float_dtype))
         target_mix = target_mix_at(pos.step, mix.start, mix.end, plan.mix_ramp_steps)
         loss = similarity_adjusted_loss(
             out["img_emb"],
@@ -335,9 +364,11 @@ class Trainer:
         )
         self.engine.backward(loss)
         self.engine.step()
-        acc = retrieval_accuracy(out["img_emb"].detach(), out["cell_emb"].detach())
-        self._step_loss += float(loss.detach()) / self.accum
-        self._step_acc = [self._step_acc[0] + acc[0] / self.accum, self._step_acc[1] + acc[1] / self.accum]
+        measure = self._measures_retrieval(pos.step + 1)
+        if measure:  # gathers + B×B similarities + host syncs: only where they are written
+            acc = retrieval_accuracy(out["img_emb"].detach(), out["cell_emb"].detach())
+            self._step_acc = [self._step_acc[0] + acc[0] / self.accum, self._step_acc[1] + acc[1] / self.accum]
+        self._step_loss = self._step_loss + loss.detach() / self.accum  # no host sync per micro batch
         self.sample_log.write(
             {
                 "step": pos.step + 1,
@@ -352,20 +383,28 @@ class Trainer:
             return None
 
         # One optimizer step done (DeepSpeed stepped at the accumulation boundary).
-        _clamp_temperature(self.engine, self.zero_stage)
         pos.step += 1
         pos.samples_seen += self.global_batch
         self.steps_this_run += 1
+        # One host sync per optimizer step: the loss (for the collapse guard) and τ (from the forward:
+        # works with partitioned ZeRO-3 weights).
+        step_loss, tau = torch.stack([self._step_loss.float(), out["temperature"].detach().float()]).tolist()
         figures = {
-            "loss": self._step_loss,
-            "acc_img_to_cell": self._step_acc[0],
-            "acc_cell_to_img": self._step_acc[1],
+            "loss": step_loss,
+            "acc_img_to_cell": self._step_acc[0] if measure else None,  # None: not measured at this step
+            "acc_cell_to_img": self._step_acc[1] if measure else None,
             "lr": lr,
             "target_mix": target_mix,
-            "tau": float(out["temperature"].detach()),  # from the forward: works with partitioned (ZeRO-3) weights
+            "tau": tau,
         }
         self._step_loss, self._step_acc = 0.0, [0.0, 0.0]
         return figures
+
+    def _measures_retrieval(self, step: int) -> bool:
+        """Retrieval top-1 is measured at logging steps and over the final metrics' window (1-based step)."""
+        total = self.plan.total_steps
+        every = max(1, int(self.cfg.log.every_steps))
+        return step % every == 0 or step >= total or step > total - int(self.cfg.log.window_steps)
 
     # -----------------------------------------------------------------------------------------
     # train
@@ -387,36 +426,42 @@ class Trainer:
         )
         self.engine.train()
         while pos.step < plan.total_steps:
-            self.loader.set_epoch(pos.epoch)
-            batches = _timed_batches(iter(self.loader), timer)
-            skipped = 0
-            while skipped < pos.micro_in_epoch:  # resume mid-epoch: the same stream, minus what was trained on
-                if next(batches, None) is None:
-                    break
-                skipped += 1
-            if skipped and self.is_rank0:
-                log.info("skipped %d micro batches of epoch %d already trained on", skipped, pos.epoch)
+            # Resume mid-epoch: the same stream, minus the batches already trained on, which the loader
+            # passes over without decoding them (keys found unreadable then are passed over uncounted).
+            self.loader.set_epoch(pos.epoch, skip=pos.micro_in_epoch, bad_keys=self.bad_data.epoch_keys)
+            if pos.micro_in_epoch and self.is_rank0:
+                log.info("skipping %d micro batches of epoch %d already trained on", pos.micro_in_epoch, pos.epoch)
+            batches = self.bad_data.watch(_timed_batches(iter(self.loader), timer), pos.epoch)
             timer.restart()
             for batch in batches:
                 figures = self.step(batch)
                 if figures is None:
                     continue
                 step_time = timer.elapsed_s()
-                self.window.add(
-                    loss=figures["loss"],
-                    acc_img_to_cell=figures["acc_img_to_cell"],
-                    acc_cell_to_img=figures["acc_cell_to_img"],
-                    tau=figures["tau"],
-                )
+                self.window.add(loss=figures["loss"], tau=figures["tau"])
+                if figures["acc_img_to_cell"] is not None:
+                    self.window.add(
+                        acc_img_to_cell=figures["acc_img_to_cell"], acc_cell_to_img=figures["acc_cell_to_img"]
+                    )
+                try:  # warns and flags after loss.collapse_guard.window_steps at ln(pairs); raises at stop_after_steps
+                    figures["collapsed"] = self.collapse_guard.update(pos.step, figures["loss"])
+                except CollapseError as exc:
+                    self.writer.write(pos.step, {"train/collapsed": 1.0, "train/loss": figures["loss"]})
+                    self.writer.close()
+                    if self.is_rank0:
+                        log.error("%s", exc)
+                    raise
                 if pos.step % log_every == 0 or pos.step == plan.total_steps:
                     self._write_scalars(figures, step_time)
-                progress.set_postfix(
-                    loss=f"{figures['loss']:.3f}",
-                    acc=f"{figures['acc_img_to_cell']:.2f}/{figures['acc_cell_to_img']:.2f}",
-                    lr=f"{figures['lr']:.2e}",
-                    tau=f"{figures['tau']:.3f}",
-                    refresh=False,
-                )
+                    self.bad_data.check(self.writer, pos.step)  # the same totals, and error, on every rank
+                if figures["acc_img_to_cell"] is not None:
+                    progress.set_postfix(
+                        loss=f"{figures['loss']:.3f}",
+                        acc=f"{figures['acc_img_to_cell']:.2f}/{figures['acc_cell_to_img']:.2f}",
+                        lr=f"{figures['lr']:.2e}",
+                        tau=f"{figures['tau']:.3f}",
+                        refresh=False,
+                    )
                 progress.update(1)
 
                 if pos.micro_in_epoch >= plan.micro_per_epoch:
@@ -453,6 +498,7 @@ class Trainer:
             "train/lr": figures["lr"],
             "train/retrieval_top1_img_to_cell": figures["acc_img_to_cell"],
             "train/retrieval_top1_cell_to_img": figures["acc_cell_to_img"],
+            "train/collapsed": float(figures.get("collapsed", False)),  # 1: loss at ln(pairs) (pretrain.collapse)
             "train/retrieval_chance": 1.0 / self.global_micro,
             "train/epoch": pos.epoch + pos.micro_in_epoch / self.plan.micro_per_epoch,
             "train/samples_seen": pos.samples_seen,
@@ -466,7 +512,7 @@ class Trainer:
                 self.peak_flops,
             )
         )
-        self.writer.write(pos.step, scalars)
+        self.writer.write(pos.step, {name: value for name, value in scalars.items() if value is not None})
 
     def client_state(self) -> dict:
         """The position and what it depends on, saved with every checkpoint."""
@@ -490,7 +536,7 @@ class Trainer:
             self.engine,
             self.ckpt_dir,
             self.position.step,
-            self.client_state(),
+            {**self.client_state(), **self.bad_data.state()},  # bad_data.state(): collective, every rank
             write_extras=lambda tag_dir: save_config(self.cfg, tag_dir / "config.yaml"),
             keep_last=self.cfg.checkpoint.keep_last,
         )
@@ -498,6 +544,7 @@ class Trainer:
 
     def _finish(self) -> dict:
         pos = self.position
+        bad = self.bad_data.check()  # collective; raises past the bound like the logging steps
         wall_s = time.perf_counter() - self.start_time
         window = self.window
         metrics = {
@@ -516,6 +563,19 @@ class Trainer:
             "samples_seen": pos.samples_seen,
             "wall_time_s": wall_s,
             "samples_per_s": self.steps_this_run * self.global_batch / max(wall_s, 1e-9),
+            # Model FLOP utilisation over the whole run (wall time incl. start-up; TensorBoard has it per step).
+            "mfu": (
+                self.steps_this_run
+                * self.global_batch
+                * self.flops_per_sample
+                / max(wall_s, 1e-9)
+                / (self.world_size * self.peak_flops)
+                if self.flops_per_sample and self.peak_flops
+                else None
+            ),
+            "bad_samples": bad["bad_samples"],  # unreadable samples skipped (all ranks, whole run)
+            "bad_fraction": bad["bad_fraction"],
+            "bad_examples": self.bad_data.examples,  # this rank's first few: shard, key, error
         }
         if self.is_rank0 and self.steps_this_run:
             write_json(self.out_dir / "final_metrics.json", metrics)
@@ -557,13 +617,26 @@ class _SampleLog:
             self.handle.close()
 
 
-def _to_device(batch: Mapping[str, Any], device: torch.device, float_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The tensors of a batch on the device; floating tensors in the engine's dtype (bf16/fp32)."""
+_IMAGES = DeviceImages(IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _to_device(
+    batch: Mapping[str, Any], device: torch.device, float_dtype: torch.dtype, images: DeviceImages = _IMAGES
+) -> dict[str, torch.Tensor]:
+    """The model's tensors of a loader batch (:mod:`pretrain.collate`) on the device.
+
+    The uint8 crops travel as uint8 (a quarter of float32's bytes); flips/rotations, colour jitter
+    and normalisation run there (:class:`pretrain.augment.DeviceImages`), and only the image tensor
+    is cast to the engine's dtype (bf16/fp32). µm offsets and every other float stay float32.
+    """
     moved = {}
     for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, non_blocking=True)
-            moved[key] = value.to(float_dtype) if value.is_floating_point() else value
+        if isinstance(value, torch.Tensor) and key not in ("dihedral", "colour"):
+            moved[key] = value.to(device, non_blocking=True)
+    colour = batch.get("colour")
+    if colour is not None:
+        colour = colour.to(device, non_blocking=True)
+    moved["image"] = images(moved["image"], batch["dihedral"], colour, float_dtype)  # (B, 3, H, W)
     return moved
 
 
@@ -576,17 +649,6 @@ def _timed_batches(loader_iter: Iterator[dict], timer: StepTimer) -> Iterator[di
             return
         timer.add_data_wait(time.perf_counter() - start)
         yield batch
-
-
-def _clamp_temperature(engine: Any, zero_stage: int) -> None:
-    temperature = engine.module.temperature
-    if zero_stage < 3:
-        temperature.clamp_()
-        return
-    # Under ZeRO-3 the parameter is partitioned: gather it, clamp on rank 0, re-partition.
-    with deepspeed.zero.GatheredParameters([temperature.logit_scale], modifier_rank=0):
-        if dist.get_rank() == 0:
-            temperature.clamp_()
 
 
 def _dump_weights(engine: Any, path: Path, zero_stage: int) -> None:

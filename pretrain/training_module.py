@@ -2,7 +2,8 @@
 and the model section completed from the shard manifest.
 
 State dict of :class:`PASTTrainingModule` (what a checkpoint holds, what export splits):
-``model.*`` (a :class:`pretrain.models.PASTModel`) and ``temperature.logit_scale`` (shape (1,)).
+``model.*`` (a :class:`pretrain.models.PASTModel`) and ``temperature.raw`` (shape (1,); τ is a bounded
+function of it, see :class:`pretrain.loss.LearnableTemperature`).
 """
 
 from __future__ import annotations
@@ -21,23 +22,18 @@ from .models import resolve_model_config
 
 MODEL_PREFIX = "model."  # state-dict keys of the PASTModel inside the training module
 # Parameters without weight decay besides biases and norm gains (any 0/1-d parameter).
-_NO_DECAY_NAMES = ("pos_embed", "position_embedding", "cls_token", "reg_token", "logit_scale")
+_NO_DECAY_NAMES = ("pos_embed", "position_embedding", "cls_token", "reg_token", "temperature.raw")
 
 
 class PASTTrainingModule(nn.Module):
     """The PAST model and the loss's learnable temperature as one module, so DeepSpeed sees both.
 
     State dict keys: ``model.*`` (a :class:`pretrain.models.PASTModel`) and
-    ``temperature.logit_scale`` (shape (1,)).
+    ``temperature.raw`` (shape (1,): DeepSpeed's initial broadcast cannot view a 0-dim parameter as bytes).
     """
 
     def __init__(self, model: nn.Module, temperature: LearnableTemperature):
         super().__init__()
-        # DeepSpeed's initial broadcast views every parameter as bytes, which fails on 0-dim
-        # tensors (deepspeed 0.19: "self.dim() cannot be 0 to view Float as Byte"): hold τ's
-        # logit as a (1,) tensor instead. LearnableTemperature's clamp and forward work unchanged.
-        if temperature.logit_scale.ndim == 0:
-            temperature.logit_scale = nn.Parameter(temperature.logit_scale.detach().reshape(1))
         self.model = model
         self.temperature = temperature
 

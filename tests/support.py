@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,3 +39,31 @@ def assert_subset(expected, loaded) -> None:
             assert_subset(a, b)
     else:
         assert expected == loaded or (expected == "???" and loaded is None), (expected, loaded)
+
+
+class FlakyServer(http.server.ThreadingHTTPServer):
+    """Serves files of one folder; the first ``failures`` GETs of each path send half the file and hang up."""
+
+    def __init__(self, folder: Path, failures: int):
+        self.folder, self.failures, self.seen = folder, failures, {}
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(handler):  # noqa: N805
+                data = (self.folder / handler.path.lstrip("/")).read_bytes()
+                count = self.seen[handler.path] = self.seen.get(handler.path, 0) + 1
+                handler.send_response(200)
+                handler.send_header("Content-Length", str(len(data)))
+                handler.end_headers()
+                handler.wfile.write(data[: len(data) // 2] if count <= self.failures else data)
+
+            def log_message(handler, *args):  # noqa: N805
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+def serve_flaky(folder: Path, failures: int) -> tuple[FlakyServer, str]:
+    """A FlakyServer on 127.0.0.1 in a thread, and its base URL; call .shutdown() when done."""
+    server = FlakyServer(folder, failures)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"

@@ -114,7 +114,7 @@ def _module_state_without_zero(tag_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def split_training_state(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """PASTTrainingModule state → (PASTModel state, the rest, e.g. ``temperature.logit_scale``).
+    """PASTTrainingModule state → (PASTModel state, the rest, e.g. ``temperature.raw``).
 
     A bare PASTModel's state (no ``model.`` prefix) passes through unchanged.
     """

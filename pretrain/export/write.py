@@ -426,13 +426,14 @@ def export_checkpoint(
 
 
 def _temperature(extras: Mapping[str, torch.Tensor], cfg: DictConfig) -> float | None:
-    """τ at the checkpoint, clamped to the run's range like the loss does."""
-    logit_scale = extras.get("temperature.logit_scale")
-    if logit_scale is None:
+    """τ at the checkpoint, as the loss computes it from ``temperature.raw`` and the run's bounds
+    (or from ``temperature.logit_scale`` of checkpoints written before the bounded parametrisation)."""
+    state = {k[len("temperature.") :]: v for k, v in extras.items() if k.startswith("temperature.")}
+    if not state:
         return None
     bounds = cfg.train.temperature
     temperature = LearnableTemperature(float(bounds.init), float(bounds.min), float(bounds.max))
-    temperature.load_state_dict({"logit_scale": logit_scale.reshape(())})
+    temperature.load_state_dict(state)
     with torch.no_grad():
         return float(temperature())
 

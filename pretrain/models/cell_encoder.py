@@ -98,9 +98,11 @@ class CellEncoder(nn.Module):
             raise InputError(None, "tokens", f"(N, L ≤ {self.context_length}) integer tensor", tuple(tokens.shape))
         real = real_token_mask(tokens)  # (N, L)
         attn_mask = None
-        if tokens.shape[0] and not torch.compiler.is_compiling():
-            # One host sync buys both an exact trim and, for unpadded batches, the mask-free
-            # (flash) attention kernel.
+        if tokens.shape[0] and tokens.device.type == "cpu" and not torch.compiler.is_compiling():
+            # On the CPU reading the lengths costs nothing: an exact trim and, for unpadded batches,
+            # the mask-free attention kernel. On an accelerator that read would be a host sync in the
+            # forward, so there the batch is trimmed before it is moved (trim_token_padding, which
+            # the trainer applies on the host) and the mask is always used.
             longest, shortest = torch.stack([real.sum(1).max(), real.sum(1).min()]).tolist()
             keep = max(int(longest), 1) if self.trim_padding else tokens.shape[1]
             tokens, real = tokens[:, :keep], real[:, :keep]
@@ -122,3 +124,18 @@ class CellEncoder(nn.Module):
         x = self.norm(x)
         weights = real.to(x.dtype).unsqueeze(-1)  # (N, L, 1)
         return (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (N, D)
+
+
+def trim_token_padding(tokens: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Cut the padding columns every row of ``tokens`` (and of ``others``, same width) shares at the end.
+
+    Exact for :class:`CellEncoder` (padding is masked out of attention and pooling, positions are
+    unchanged). Meant for host (CPU) tensors before they are moved to the device, where the length
+    read is free: :meth:`CellEncoder.forward` on an accelerator does not trim, to avoid a host sync.
+    """
+    rows = [t for t in (tokens, *others) if t.shape[0]]
+    if not rows:
+        return (tokens, *others)
+    longest = max(int(real_token_mask(t).sum(1).max()) for t in rows)
+    keep = max(longest, 1)
+    return tuple(t[:, :keep] for t in (tokens, *others))

@@ -12,9 +12,13 @@ invariant to rotations and flips of the slide.
 The whole batch is one disjoint PyG graph built with tensor ops (no Python loop over cells):
 nodes 0..B-1 are the centres, node B + j is row j of ``nbr_tokens``.
 
-Node features come from each cell's tokens through learned layers, two encoders by config:
-- ``"transformer"``: the shared cell transformer on each neighbour (exact; the centre reuses the
-  cell encoder's output), then Linear(cell dim → hidden). Cost ≈ (1 + k) × the cell encoder.
+Node features come from each cell's tokens through learned layers, three encoders by config:
+- ``"tokens"`` (default): the paper's h⁰ = Embed(G): the mean over real tokens of the cell
+  transformer's own token embeddings (shared weights), then Linear(cell dim → hidden). Cost ≈
+  (k + 1)·(L·dim + 2·dim·hidden) FLOPs per sample, negligible.
+- ``"transformer"``: the shared cell transformer on each neighbour (the centre reuses the cell
+  encoder's output), then Linear(cell dim → hidden). Richer than the paper's formula; cost ≈
+  (1 + k) × the cell encoder.
 - ``"bag"``: a learned bag of token embeddings (hidden-d) weighted by a learned weight per rank
   position (initialised to 1 / log2(rank + 2)) and averaged over real tokens, then LayerNorm.
   Cost ≈ 2·L·hidden FLOPs per node, thousands of times cheaper.
@@ -30,6 +34,8 @@ from torch_geometric.nn import GATConv
 from common.errors import InputError
 
 from .cell_encoder import real_token_mask
+
+NODE_ENCODERS = ("tokens", "transformer", "bag")
 
 
 def build_neighbour_graph(
@@ -138,7 +144,7 @@ class GraphBranch(nn.Module):
         cell_dim: int,
         vocab_size: int,
         context_length: int,
-        node_encoder: str = "transformer",
+        node_encoder: str = "tokens",
         hidden: int = 256,
         gat_layers: int = 2,
         gat_heads: int = 4,
@@ -149,8 +155,8 @@ class GraphBranch(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        if node_encoder not in ("transformer", "bag"):
-            raise InputError(None, "model.graph.node_encoder", "'transformer' or 'bag'", node_encoder)
+        if node_encoder not in NODE_ENCODERS:
+            raise InputError(None, "model.graph.node_encoder", f"one of {NODE_ENCODERS}", node_encoder)
         if hidden % gat_heads:
             raise InputError(None, "model.graph.gat_heads", f"a divisor of model.graph.hidden={hidden}", gat_heads)
         self.node_encoder = node_encoder
@@ -177,10 +183,19 @@ class GraphBranch(nn.Module):
         self.norm_out = nn.LayerNorm(hidden)
         self.out = nn.Linear(hidden, cell_dim)
 
-    def node_features(self, centre_tokens, nbr_tokens, centre_feat=None, nbr_feat=None) -> torch.Tensor:
-        """(B + N, hidden) features: from encoder outputs (transformer) or tokens (bag)."""
+    def node_features(
+        self, centre_tokens, nbr_tokens, centre_feat=None, nbr_feat=None, token_embedding=None
+    ) -> torch.Tensor:
+        """(B + N, hidden) features: from encoder outputs (transformer), the cell transformer's token
+        embeddings ``token_embedding`` (vocab, cell dim) mean-pooled (tokens), or a bag (bag)."""
         if self.node_encoder == "bag":
             return self.bag(torch.cat([centre_tokens, nbr_tokens]))
+        if self.node_encoder == "tokens":
+            tokens = torch.cat([centre_tokens, nbr_tokens])
+            real = real_token_mask(tokens).to(token_embedding.dtype)  # (B + N, L)
+            weights = real / real.sum(1, keepdim=True).clamp(min=1)
+            pooled = F.embedding_bag(tokens.long(), token_embedding, per_sample_weights=weights, mode="sum")
+            return self.node_proj(pooled)
         return self.node_proj(torch.cat([centre_feat, nbr_feat]))
 
     def forward(
@@ -189,9 +204,16 @@ class GraphBranch(nn.Module):
         n_centres: int,
         nbr_offsets_um: torch.Tensor,
         nbr_batch: torch.Tensor,
+        edges: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """node_feat (B + N, hidden), centres first → (B, cell_dim) graph feature of each centre."""
-        edge_index, length_um = build_neighbour_graph(n_centres, nbr_offsets_um, nbr_batch, self.radius_um)
+        """node_feat (B + N, hidden), centres first → (B, cell_dim) graph feature of each centre.
+
+        edges: (edge_index, edge_length_um) of :func:`build_neighbour_graph` for this batch when the
+        caller built them already (on the host, :func:`pretrain.models.prepare_host_batch`: building
+        them on an accelerator needs two host syncs); None builds them here."""
+        if edges is None:
+            edges = build_neighbour_graph(n_centres, nbr_offsets_um, nbr_batch, self.radius_um)
+        edge_index, length_um = edges
         dtype = node_feat.dtype
         edge_attr = self.edge_features(length_um).to(dtype)  # (E, edge_dim)
         is_centre = torch.arange(node_feat.shape[0], device=node_feat.device) < n_centres

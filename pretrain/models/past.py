@@ -22,9 +22,10 @@ Configuration (``model.*``; defaults are the paper's values where the paper stat
 
 | key                         | default                  | paper / note |
 | --------------------------- | ------------------------ | ------------ |
+| image.preset                | null                     | "uni": UNI's ViT-L/16 (LayerScale init_values 1e-5, see IMAGE_PRESETS) |
 | image.arch                  | vit_large_patch16_224    | ViT-L/16, 1024-d CLS feature |
-| image.kwargs                | {}                       | timm kwargs (img_size, depth, embed_dim, ...) |
-| image.weights               | null                     | local .safetensors/.pth/.bin of the bare backbone |
+| image.kwargs                | {}                       | timm kwargs (img_size, depth, embed_dim, ...); over the preset's |
+| image.weights               | null                     | local .safetensors/.pth/.bin of the bare backbone (e.g. UNI's pytorch_model.bin) |
 | image.head                  | linear                   | "linear" or "mlp" (2 layers, GELU) to proj_dim |
 | cell.dim                    | 512                      | paper |
 | cell.heads                  | 16                       | paper |
@@ -33,9 +34,9 @@ Configuration (``model.*``; defaults are the paper's values where the paper stat
 | cell.context_length         | 300                      | paper |
 | cell.vocab_size             | 20340                    | 30 reserved + Nicheformer's 20,310 genes |
 | cell.dropout                | 0.0                      | our choice |
-| cell.trim_padding           | true                     | exact; cuts compute on batches of short rows |
+| cell.trim_padding           | true                     | exact; cuts compute on batches of short rows (on an accelerator: prepare_host_batch) |
 | graph.enabled               | true                     | false: cell_emb = Linear(transformer feature) |
-| graph.node_encoder          | transformer              | "transformer" (exact, ~(1+k)× cell cost) or "bag" |
+| graph.node_encoder          | tokens                   | "tokens": paper, h⁰ = Embed(G) mean-pooled; "transformer" (~(1+k)× cell cost) or "bag" |
 | graph.gat_layers            | 2                        | not stated in the paper; our choice |
 | graph.gat_heads             | 4                        | our choice |
 | graph.hidden                | 256                      | our choice |
@@ -47,6 +48,11 @@ Configuration (``model.*``; defaults are the paper's values where the paper stat
 | fusion.heads                | 8                        | our choice |
 | proj_dim                    | 256                      | paper |
 | grad_checkpointing          | false                    | activation checkpointing in the cell transformer and the ViT |
+| compile                     | false                    | the trainer torch.compiles the image backbone and cell transformer (compile_towers) |
+
+On an accelerator, :func:`prepare_host_batch` (the trainer calls it on the host before moving a
+batch) trims the token padding and builds the niche graph's edges (keys `nbr_edge_index` (2, E)
+int64, `nbr_edge_length_um` (E,) float32), so the forward runs without a host sync.
 """
 
 from __future__ import annotations
@@ -64,15 +70,15 @@ from torch import nn
 
 from common.errors import InputError
 
-from .cell_encoder import CellEncoder
+from .cell_encoder import CellEncoder, trim_token_padding
 from .fusion import AttentionFusion, fusion_flops
-from .graph import GraphBranch, gat_flops, star_graph_edges
+from .graph import GraphBranch, build_neighbour_graph, gat_flops, star_graph_edges
 from .image_encoder import ImageTower, create_backbone
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_CONFIG: dict[str, Any] = {
-    "image": {"arch": "vit_large_patch16_224", "kwargs": {}, "weights": None, "head": "linear"},
+    "image": {"preset": None, "arch": "vit_large_patch16_224", "kwargs": {}, "weights": None, "head": "linear"},
     "cell": {
         "dim": 512,
         "heads": 16,
@@ -85,7 +91,7 @@ DEFAULT_MODEL_CONFIG: dict[str, Any] = {
     },
     "graph": {
         "enabled": True,
-        "node_encoder": "transformer",
+        "node_encoder": "tokens",
         "gat_layers": 2,
         "gat_heads": 4,
         "hidden": 256,
@@ -98,8 +104,18 @@ DEFAULT_MODEL_CONFIG: dict[str, Any] = {
     "fusion": {"heads": 8},
     "proj_dim": 256,
     "grad_checkpointing": False,
+    "compile": False,
 }
 _FREE_FORM = {"model.image.kwargs"}  # sections whose keys are not ours to check
+
+# Image towers of published pathology foundation models, as timm builds them (weights: a local file,
+# model.image.weights). UNI (Chen et al. 2024, MahmoodLab/UNI): ViT-L/16 at 224 px with LayerScale.
+IMAGE_PRESETS: dict[str, dict[str, Any]] = {
+    "uni": {
+        "arch": "vit_large_patch16_224",
+        "kwargs": {"img_size": 224, "patch_size": 16, "init_values": 1.0e-5, "dynamic_img_size": True},
+    },
+}
 
 
 def resolve_model_config(cfg: Mapping | DictConfig | None) -> dict[str, Any]:
@@ -111,7 +127,26 @@ def resolve_model_config(cfg: Mapping | DictConfig | None) -> dict[str, Any]:
     cfg = dict(cfg)
     if isinstance(cfg.get("model"), Mapping):
         cfg = dict(cfg["model"])
-    return _merge(DEFAULT_MODEL_CONFIG, cfg, "model")
+    merged = _merge(DEFAULT_MODEL_CONFIG, cfg, "model")
+    return _apply_image_preset(merged, dict(cfg.get("image") or {}))
+
+
+def _apply_image_preset(merged: dict, given_image: Mapping) -> dict:
+    """model.image.preset: the preset's arch and kwargs, the given kwargs over them (idempotent)."""
+    image = merged["image"]
+    name = image.get("preset")
+    if name is None:
+        return merged
+    if name not in IMAGE_PRESETS:
+        raise InputError(None, "model.image.preset", f"null or one of {sorted(IMAGE_PRESETS)}", name)
+    preset = IMAGE_PRESETS[name]
+    if "arch" in given_image and given_image["arch"] != preset["arch"]:
+        raise InputError(
+            None, "model.image.arch", f"{preset['arch']} (model.image.preset={name}) or no arch", given_image["arch"]
+        )
+    image["arch"] = preset["arch"]
+    image["kwargs"] = {**preset["kwargs"], **dict(image.get("kwargs") or {})}
+    return merged
 
 
 def _merge(defaults: Mapping, given: Mapping, prefix: str) -> dict:
@@ -177,8 +212,12 @@ class PASTModel(nn.Module):
         """tokens (B, L) (+ neighbours, see the module docstring) → L2-normalised (B, proj_dim)."""
         return F.normalize(self.cell_features(tokens, nbr_tokens, nbr_offsets_um, nbr_batch)["cell_out"], dim=-1)
 
-    def cell_features(self, tokens, nbr_tokens=None, nbr_offsets_um=None, nbr_batch=None) -> dict[str, torch.Tensor]:
-        """Intermediate features: cell_feat (B, D), graph_feat (B, D) if any, cell_out (B, proj_dim)."""
+    def cell_features(
+        self, tokens, nbr_tokens=None, nbr_offsets_um=None, nbr_batch=None, edges=None
+    ) -> dict[str, torch.Tensor]:
+        """Intermediate features: cell_feat (B, D), graph_feat (B, D) if any, cell_out (B, proj_dim).
+
+        edges: the niche graph's (edge_index, edge_length_um) when built already (prepare_host_batch)."""
         n_centres = tokens.shape[0]
         if self.graph is None:
             cell_feat = self.cell_encoder(tokens)
@@ -191,8 +230,10 @@ class PASTModel(nn.Module):
             node_feat = self.graph.node_features(None, None, cell_feat, features[n_centres:])
         else:
             cell_feat = self.cell_encoder(tokens)
-            node_feat = self.graph.node_features(tokens, nbr_tokens.to(tokens.dtype))
-        graph_feat = self.graph(node_feat, n_centres, nbr_offsets_um, nbr_batch)  # (B, D)
+            node_feat = self.graph.node_features(
+                tokens, nbr_tokens.to(tokens.dtype), token_embedding=self.cell_encoder.token_embedding.weight
+            )
+        graph_feat = self.graph(node_feat, n_centres, nbr_offsets_um, nbr_batch, edges)  # (B, D)
         return {"cell_feat": cell_feat, "graph_feat": graph_feat, "cell_out": self.fusion(cell_feat, graph_feat)}
 
     @staticmethod
@@ -221,8 +262,11 @@ class PASTModel(nn.Module):
                 raise InputError(None, f"batch['{key}']", "a tensor (see pretrain.models.past)", "missing")
         img_feat = self.image_encoder.features(batch["image"])  # (B, backbone features)
         img_out = self.image_encoder.head(img_feat)  # (B, proj_dim)
+        edges = None
+        if batch.get("nbr_edge_index") is not None:
+            edges = (batch["nbr_edge_index"], batch["nbr_edge_length_um"])
         cell = self.cell_features(
-            batch["tokens"], batch.get("nbr_tokens"), batch.get("nbr_offsets_um"), batch.get("nbr_batch")
+            batch["tokens"], batch.get("nbr_tokens"), batch.get("nbr_offsets_um"), batch.get("nbr_batch"), edges
         )
         out = {
             "img_emb": F.normalize(img_out, dim=-1),
@@ -325,7 +369,7 @@ def estimate_flops_per_sample(
     ``trim_padding`` real batches may cost less) and, when ``radius_um`` is set, every pair of
     neighbours within it (an upper bound).
 
-    Keys: image_encoder, cell_encoder, node_encoder_transformer, node_encoder_bag, node_encoder
+    Keys: image_encoder, cell_encoder, node_encoder_transformer, node_encoder_tokens, node_encoder_bag, node_encoder
     (the configured one; 0 without the graph), gat, fusion, forward, train (= 3 × forward).
     """
     mc = resolve_model_config(model_cfg)
@@ -343,6 +387,7 @@ def estimate_flops_per_sample(
         "cell_encoder": one_cell,
         # The centre reuses the cell encoder's output; all k + 1 nodes are projected to hidden.
         "node_encoder_transformer": k * one_cell + 2 * (k + 1) * dim * hidden,
+        "node_encoder_tokens": (k + 1) * (2 * length * dim + 2 * dim * hidden),
         "node_encoder_bag": (k + 1) * 2 * length * hidden,
     }
     if graph["enabled"]:
@@ -356,3 +401,40 @@ def estimate_flops_per_sample(
     flops["forward"] = sum(flops[key] for key in ("image_encoder", "cell_encoder", "node_encoder", "gat", "fusion"))
     flops["train"] = 3 * flops["forward"]
     return {key: int(value) for key, value in flops.items()}
+
+
+def compile_towers(model: PASTModel) -> PASTModel:
+    """``torch.compile`` the image backbone and the cell transformer in place (``model.compile: true``;
+    the trainer calls it, export and inference never do). State-dict keys are unchanged. Token
+    padding is trimmed to a varying width, so the cell transformer recompiles once and then treats
+    that dimension as dynamic."""
+    model.image_encoder.backbone.compile()
+    model.cell_encoder.compile()
+    return model
+
+
+def prepare_host_batch(batch: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A loader batch with the work that needs data-dependent sizes done on the host (CPU) tensors.
+
+    Token padding every row shares is cut (``cell.trim_padding``; ``tokens`` and ``nbr_tokens`` to one
+    width) and, with the niche branch on, the graph's edges are built (``nbr_edge_index``,
+    ``nbr_edge_length_um``), so that :meth:`PASTModel.forward` on the device reads no size back. The
+    model's outputs are the same as for the untouched batch. Other keys pass through.
+    """
+    out = dict(batch)
+    tokens = out.get("tokens")
+    if not isinstance(tokens, torch.Tensor) or tokens.device.type != "cpu":
+        return out
+    nbr_tokens = out.get("nbr_tokens")
+    if model_cfg["cell"]["trim_padding"]:
+        if isinstance(nbr_tokens, torch.Tensor):
+            out["tokens"], out["nbr_tokens"] = trim_token_padding(tokens, nbr_tokens)
+        else:
+            (out["tokens"],) = trim_token_padding(tokens)
+    graph = model_cfg["graph"]
+    offsets, nbr_batch = out.get("nbr_offsets_um"), out.get("nbr_batch")
+    if graph["enabled"] and isinstance(offsets, torch.Tensor) and isinstance(nbr_batch, torch.Tensor):
+        out["nbr_edge_index"], out["nbr_edge_length_um"] = build_neighbour_graph(
+            tokens.shape[0], offsets, nbr_batch.long(), graph["radius_um"]
+        )
+    return out

@@ -6,8 +6,6 @@ the retry path is exercised the way a flaky object store exercises it.
 
 from __future__ import annotations
 
-import http.server
-import threading
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ import webdataset as wds
 
 from common.errors import InputError
 from data_shards.reader import shard_url, tar_members, tar_samples
+from tests.support import serve_flaky
 
 
 @pytest.fixture(scope="module")
@@ -26,35 +25,8 @@ def shard(tmp_path_factory) -> Path:
     return path
 
 
-class FlakyServer(http.server.ThreadingHTTPServer):
-    """Serves files of one folder; the first ``failures`` GETs of each path send half the file and hang up."""
-
-    def __init__(self, folder: Path, failures: int):
-        self.folder, self.failures, self.seen = folder, failures, {}
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(handler):  # noqa: N805
-                data = (self.folder / handler.path.lstrip("/")).read_bytes()
-                count = self.seen[handler.path] = self.seen.get(handler.path, 0) + 1
-                handler.send_response(200)
-                handler.send_header("Content-Length", str(len(data)))
-                handler.end_headers()
-                handler.wfile.write(data[: len(data) // 2] if count <= self.failures else data)
-
-            def log_message(handler, *args):  # noqa: N805
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-
-
-def _serve(folder: Path, failures: int) -> tuple[FlakyServer, str]:
-    server = FlakyServer(folder, failures)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}"
-
-
 def test_http_shard_survives_one_broken_stream(shard):
-    server, base = _serve(shard.parent, failures=1)
+    server, base = serve_flaky(shard.parent, failures=1)
     try:
         naps = []
         remote = list(tar_members(f"{base}/{shard.name}", retries=2, backoff_s=0.5, sleep=naps.append))
@@ -67,7 +39,7 @@ def test_http_shard_survives_one_broken_stream(shard):
 
 
 def test_a_stream_that_stays_broken_is_one_error_naming_the_shard(shard):
-    server, base = _serve(shard.parent, failures=99)
+    server, base = serve_flaky(shard.parent, failures=99)
     try:
         naps = []
         with pytest.raises(InputError, match=shard.name):

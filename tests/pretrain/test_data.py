@@ -1,14 +1,17 @@
 """The pretraining data pipeline on small synthetic shards written with data_shards.writer.
 
-Covers: batch layout and contents, rank/worker shard splits (disjoint, covering), equal steps on
-every rank with unequal shards, determinism in (seed, epoch, rank), the image/offset consistency of
-flips and 90° rotations, resampling, and bad input.
+Covers: batch layout and contents, rank/worker splits (disjoint, covering, balanced by sample
+ranges), equal steps on every rank with unequal shards, determinism in (seed, epoch, rank), resuming
+mid-epoch without decoding the skipped samples, unreadable samples and shards skipped and counted,
+the image/offset consistency of flips and 90° rotations (images transformed on the "device"),
+resampling, and bad input.
 """
 
 from __future__ import annotations
 
 import io
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +26,17 @@ from data_shards.manifest import SLIDE_MANIFEST_NAME, load_manifest, merge_manif
 from data_shards.reader import tar_samples
 from data_shards.sample import decode_sample, encode_sample, load_npy
 from data_shards.writer import ShardPlan, ShuffledShardWriter, plan_shards
-from pretrain.augment import AugmentConfig, dihedral_image, dihedral_matrix, dihedral_offsets, draw_colour
-from pretrain.collate import BatchAssembler
+from pretrain.augment import (
+    AugmentConfig,
+    DeviceImages,
+    dihedral_image,
+    dihedral_matrix,
+    dihedral_offsets,
+    draw_colour,
+)
 from pretrain.data import make_loader, plan_rank, rank_shards, steps_per_epoch_for, worker_batch_quota
 from pretrain.models import IMAGENET_MEAN, IMAGENET_STD
+from tests.support import serve_flaky
 
 CROP_PX = 224
 CONTEXT = 300
@@ -114,6 +124,11 @@ def epoch_keys(loader) -> list[list[str]]:
     return [batch["key"] for batch in loader]
 
 
+def model_images(batch: dict, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """What the trainer hands the model: (B, 3, H, W) float32, transformed and normalised."""
+    return DeviceImages(mean, std)(batch["image"], batch["dihedral"], batch.get("colour"))
+
+
 def test_batch_layout_and_contents(unequal):
     root, truth = unequal
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
@@ -126,14 +141,13 @@ def test_batch_layout_and_contents(unequal):
         shuffle_buffer=16,
         resample=False,
         augment=False,
-        image_mean=mean,
-        image_std=std,
     )
     assert steps == 88 // 8 == len(loader)
     batches = list(loader)
     assert len(batches) == steps
     for batch in batches:
-        assert batch["image"].shape == (8, 3, CROP_PX, CROP_PX) and batch["image"].dtype == torch.float32
+        assert batch["image"].shape == (8, CROP_PX, CROP_PX, 3) and batch["image"].dtype == torch.uint8
+        assert batch["dihedral"].tolist() == [[0, 0]] * 8 and "colour" not in batch and batch["bad"] == []
         assert batch["tokens"].shape == (8, CONTEXT) and batch["tokens"].dtype == torch.int64
         counts = [len(truth[k]["nbr_tokens"]) for k in batch["key"]]
         n_nbr = sum(counts)
@@ -149,7 +163,7 @@ def test_batch_layout_and_contents(unequal):
             np.testing.assert_array_equal(batch["nbr_offsets_um"][mine].numpy(), truth[key]["offsets"])
     # Normalisation: undo it and compare with the pixels written (JPEG at quality 95 is close).
     first = batches[0]
-    pixels = first["image"][0] * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+    pixels = model_images(first, mean, std)[0] * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
     written = torch.from_numpy(truth[first["key"][0]]["image"].copy()).permute(2, 0, 1).float() / 255
     assert (pixels - written).abs().mean() < 0.02
     # Some cells of the epoch have no neighbours: they must still be in the batch.
@@ -176,6 +190,7 @@ def test_two_ranks_read_disjoint_shards_and_cover_the_epoch(equal):
                 shuffle_buffer=10,
                 resample=False,
                 augment=True,
+                split="shards",
             )
             keys = list(itertools.chain.from_iterable(epoch_keys(loader)))
             assert steps == 96 // (4 * 2) and len(keys) == steps * 4
@@ -189,7 +204,8 @@ def test_two_ranks_read_disjoint_shards_and_cover_the_epoch(equal):
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_every_rank_runs_the_same_number_of_steps_with_unequal_shards(unequal, world_size):
+@pytest.mark.parametrize("split", ["samples", "shards"])
+def test_every_rank_runs_the_same_number_of_steps_with_unequal_shards(unequal, world_size, split):
     root, _ = unequal
     expected = steps_per_epoch_for(88, 4, world_size)
     for epoch in (0, 1):
@@ -204,16 +220,22 @@ def test_every_rank_runs_the_same_number_of_steps_with_unequal_shards(unequal, w
                 shuffle_buffer=8,
                 resample=False,
                 augment=False,
+                split=split,
             )
             batches = epoch_keys(loader)
             assert steps == expected and len(batches) == expected
             assert all(len(b) == 4 for b in batches)
             keys = [k for b in batches for k in b]
-            # A rank holding at least steps × batch cells never repeats one within the epoch.
-            held = sum(
-                s["n_samples"]
-                for s in load_manifest(root)["shards"]
-                if s["path"] in rank_shards(root, rank, world_size, epoch=epoch)
+            # A rank holding at least steps × batch cells never repeats one within the epoch
+            # (split=samples: every rank holds 88 / world_size of them, more than it needs).
+            held = (
+                88 // world_size
+                if split == "samples"
+                else sum(
+                    s["n_samples"]
+                    for s in load_manifest(root)["shards"]
+                    if s["path"] in rank_shards(root, rank, world_size, epoch=epoch)
+                )
             )
             if held >= steps * 4:
                 assert len(set(keys)) == len(keys)
@@ -243,7 +265,7 @@ def test_same_seed_epoch_rank_gives_same_stream_and_new_epoch_reshuffles(equal):
         if via_set_epoch:
             loader.set_epoch(epoch)
         batches = list(loader)
-        return [k for b in batches for k in b["key"]], torch.cat([b["image"] for b in batches[:2]])
+        return [k for b in batches for k in b["key"]], torch.cat([model_images(b) for b in batches[:2]])
 
     keys, images = run(epoch=0)
     keys_again, images_again = run(epoch=0)
@@ -281,7 +303,7 @@ def test_augmented_marker_follows_augmented_offset(tmp_path):
     centre = (CROP_PX - 1) / 2
     for batch in loader:
         for i in range(len(batch["key"])):
-            grey = (batch["image"][i] * std + mean).mean(dim=0)  # (H, W) in [0, 1]
+            grey = (model_images(batch)[i] * std + mean).mean(dim=0)  # (H, W) in [0, 1]
             ys, xs = torch.nonzero(grey > 0.5, as_tuple=True)
             marker_px = np.array([xs.float().mean() - centre, ys.float().mean() - centre])
             # The image transform is drawn per cell, so read it from the marker even without neighbours.
@@ -291,24 +313,34 @@ def test_augmented_marker_follows_augmented_offset(tmp_path):
     assert len(transforms_seen) == 8
 
 
+@pytest.mark.parametrize("path", ["_numpy", "_torch"])
 @pytest.mark.parametrize("saturation", [0.0, 0.3])
-def test_fast_colour_path_equals_the_affine_map_then_clamp_then_normalise(saturation):
+def test_device_colour_path_equals_the_affine_map_then_clamp_then_normalise(saturation, path):
+    """DeviceImages (the trainer's on-device step; its CPU and GPU code paths) against ColourDraw.affine."""
     config = AugmentConfig(brightness=0.3, contrast=0.3, saturation=saturation, channel_gain=0.2)
     mean, std = np.array([0.6, 0.5, 0.4]), np.array([0.2, 0.3, 0.25])
-    assembler = BatchAssembler(config, np.random.default_rng(0), np.random.default_rng(7), mean, std)
-    image = np.random.default_rng(1).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
-    image[:8] = 250  # bright rows, pushed past 1 by the jitter: exercises the clamp
-    slot = np.empty((3, 32, 32), dtype=np.float32)
-    assembler._write_image(slot, image, flip=1, turns=1)
-
-    draw = draw_colour(np.random.default_rng(7), config)
-    mean_rgb = image[::8, ::8].reshape(-1, 3).mean(axis=0) / 255.0
-    matrix, offset = draw.affine(mean_rgb)
-    pixels = dihedral_image(image, 1, 1).reshape(-1, 3) / 255.0  # (H·W, 3)
-    expected = np.clip(pixels @ matrix.T + offset, 0.0, 1.0)
-    expected = ((expected - mean) / std).reshape(32, 32, 3).transpose(2, 0, 1)
-    np.testing.assert_allclose(slot, expected, atol=1e-4)
-    assert (expected == ((1 - mean) / std)[:, None, None]).any()  # the clamp was hit
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
+    images[:, :8] = 250  # bright rows, pushed past 1 by the jitter: exercises the clamp
+    draws = [draw_colour(np.random.default_rng(7 + i), config) for i in range(3)]
+    colour = torch.tensor([[*d.gain, d.brightness, d.saturation, d.contrast] for d in draws], dtype=torch.float32)
+    transforms = [(1, 1), (0, 0), (1, 3)]
+    out = getattr(DeviceImages(mean, std), path)(torch.from_numpy(images), torch.tensor(transforms), colour)
+    assert out.shape == (3, 3, 32, 32) and out.dtype == torch.float32
+    for i, (draw, (flip, turns)) in enumerate(zip(draws, transforms)):
+        matrix, offset = draw.affine(images[i, ::4, ::4].reshape(-1, 3).mean(axis=0) / 255.0)
+        pixels = dihedral_image(images[i], flip, turns).reshape(-1, 3) / 255.0  # (H·W, 3)
+        expected = np.clip(pixels @ matrix.T + offset, 0.0, 1.0)
+        expected = ((expected - mean) / std).reshape(32, 32, 3).transpose(2, 0, 1)
+        np.testing.assert_allclose(out[i].numpy(), expected, atol=1e-4)
+        assert (expected == ((1 - mean) / std)[:, None, None]).any()  # the clamp was hit
+    bf16 = DeviceImages(mean, std)(torch.from_numpy(images), torch.tensor(transforms), colour, torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16
+    # A wrong transform would be caught: the control differs.
+    control = getattr(DeviceImages(mean, std), path)(
+        torch.from_numpy(images), torch.tensor([(0, 1), (0, 0), (1, 3)]), colour
+    )
+    assert not torch.allclose(control[0], out[0], atol=1e-2)
 
 
 def test_two_workers_split_shards_without_duplicates(equal):
@@ -352,16 +384,27 @@ def test_resampled_shards_give_fixed_steps_and_rank_dependent_streams(equal):
     assert streams[0] != streams[1]
 
 
-def test_worker_quota_avoids_repeats_while_possible():
-    # Capacity floor(48/4) + floor(20/4) = 17 batches >= 15: nobody exceeds its samples.
-    quota = worker_batch_quota([48, 0, 20], steps=15, batch_size=4)
-    assert sum(quota) == 15 and quota[1] == 0
-    assert quota[0] * 4 <= 48 and quota[2] * 4 <= 20
-    # More steps than samples: still sums up, the empty worker still gets none.
-    quota = worker_batch_quota([8, 0, 8], steps=7, batch_size=4)
-    assert sum(quota) == 7 and quota[1] == 0
-    plan = plan_rank([10, 30, 20], 4, rank=0, world_size=1, num_workers=2, epoch=0, seed=0, steps=15, resample=False)
-    assert plan.steps == 15 and sorted(s for w in plan.worker_shards for s in w) == [0, 1, 2]
+def test_worker_quota_is_round_robin_and_the_sample_split_is_balanced():
+    assert worker_batch_quota(15, 4) == [4, 4, 4, 3] and worker_batch_quota(2, 3) == [1, 1, 0]
+    assert worker_batch_quota(7, 0) == [7]
+    # Shards of 2,600 and 40 samples on 2 ranks x 2 workers: each worker holds a quarter (±1) of them.
+    sizes = [2600, 40]
+    for rank in (0, 1):
+        plan = plan_rank(sizes, 8, rank=rank, world_size=2, num_workers=2, epoch=0, seed=0, steps=165, resample=False)
+        assert plan.steps == 165 and plan.worker_batches == (83, 82)
+        assert sum(plan.worker_samples) == 1320 and all(
+            h >= q * 8 for h, q in zip(plan.worker_samples, plan.worker_batches)
+        )
+    pieces = [
+        p
+        for r in (0, 1)
+        for w in plan_rank(
+            sizes, 8, rank=r, world_size=2, num_workers=2, epoch=0, seed=0, steps=165, resample=False
+        ).worker_pieces
+        for p in w
+    ]
+    covered = sorted((s, i) for s, first, stop in pieces for i in range(first, stop))
+    assert covered == sorted((s, i) for s in (0, 1) for i in range(sizes[s]))  # disjoint, covering
 
 
 def test_bad_inputs_raise_input_error(equal, tmp_path):
@@ -428,3 +471,21 @@ def test_a_broken_sample_names_its_shard_and_member():
     )
     with pytest.raises(InputError, match=r"cell_1.nbr_offsets.npy.*\(2, 2\)"):
         decode_sample(bad, decode)
+
+
+def test_training_reads_its_shards_over_http_and_survives_a_broken_stream(equal, tmp_path):
+    """The manifest lists http:// URLs (a local server); the first stream of every shard is cut halfway."""
+    root, _ = equal
+    server, base = serve_flaky(root, failures=1)
+    try:
+        manifest = json.loads((root / "manifest.json").read_text())
+        for shard in manifest["shards"]:
+            shard["path"] = f"{base}/{shard['path']}"
+        (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+        kwargs = dict(rank=0, world_size=1, num_workers=0, shuffle_buffer=1, augment=False)
+        remote, _ = make_loader(tmp_path / "manifest.json", 8, **kwargs)
+        local, _ = make_loader(root / "manifest.json", 8, **kwargs)
+        assert epoch_keys(remote) == epoch_keys(local)  # every sample once, in the same order
+        assert all(count == 2 for count in server.seen.values()) and len(server.seen) == len(manifest["shards"])
+    finally:
+        server.shutdown()

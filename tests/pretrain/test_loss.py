@@ -64,11 +64,13 @@ def test_aligned_orthonormal_pairs_have_analytic_value():
     assert similarity_adjusted_loss(emb, emb.clone(), tau).item() == pytest.approx(entropy, rel=1e-12)
 
 
-def test_targets_are_detached_by_default():
+def test_gradient_flows_through_the_targets_by_default_and_detach_makes_them_labels():
     g = torch.Generator().manual_seed(2)
     img, cell = random_unit_rows(g, 6, 4).requires_grad_(), random_unit_rows(g, 6, 4)
-    (grad_detached,) = torch.autograd.grad(similarity_adjusted_loss(img, cell, 0.3), img)
-    (grad_through,) = torch.autograd.grad(similarity_adjusted_loss(img, cell, 0.3, detach_targets=False), img)
+    (grad_detached,) = torch.autograd.grad(similarity_adjusted_loss(img, cell, 0.3, detach_targets=True), img)
+    (grad_through,) = torch.autograd.grad(similarity_adjusted_loss(img, cell, 0.3), img)
+    (grad_explicit,) = torch.autograd.grad(similarity_adjusted_loss(img, cell, 0.3, detach_targets=False), img)
+    torch.testing.assert_close(grad_through, grad_explicit)  # the default: the authors' convention
     assert not torch.allclose(grad_detached, grad_through)
     # With detached targets the gradient is that of CE against constant targets.
     tau = 0.3
@@ -92,33 +94,17 @@ def test_bad_inputs_raise_one_clear_error():
 
 
 def test_temperature_stays_within_bounds():
-    temperature = LearnableTemperature(init_temperature=0.07)
-    assert temperature.temperature == pytest.approx(0.07)
-    optimizer = torch.optim.SGD(temperature.parameters(), lr=10.0)
-    # SGD on ±logit_scale with a huge step drives τ = exp(−logit_scale) far past each bound.
-    for sign, bound in ((+1.0, 1.0), (-1.0, 0.01)):
+    # SGD on ±τ with a huge step drives the raw parameter far out; τ = min + span·sigmoid(·) cannot follow.
+    for sign, bound in ((-1.0, 1.0), (+1.0, 0.01)):
+        temperature = LearnableTemperature(init_temperature=0.07)
+        assert temperature.temperature == pytest.approx(0.07)
+        optimizer = torch.optim.SGD(temperature.parameters(), lr=1e3)
         for _ in range(5):
             optimizer.zero_grad()
-            (sign * temperature.logit_scale).backward()
+            (sign * temperature()).backward()
             optimizer.step()
-            temperature.clamp_()
-            assert 0.01 - 1e-9 <= temperature.temperature <= 1.0 + 1e-9
-        assert temperature.temperature == pytest.approx(bound)
-
-
-def test_temperature_clamped_in_forward_and_gradient_inside_range():
-    temperature = LearnableTemperature(init_temperature=0.1)
-    with torch.no_grad():
-        temperature.logit_scale.fill_(50.0)  # τ = e^-50 if unclamped
-    assert temperature().item() == pytest.approx(0.01)
-    with torch.no_grad():
-        temperature.logit_scale.fill_(-3.0)  # τ = e^3 if unclamped
-    assert temperature().item() == pytest.approx(1.0)
-    temperature.clamp_()
-    assert temperature.logit_scale.item() == pytest.approx(0.0)
-    inside = LearnableTemperature(init_temperature=0.1)
-    inside().backward()
-    assert inside.logit_scale.grad.item() == pytest.approx(-0.1)  # dτ/dlogit_scale = −τ
+            assert 0.01 * (1 - 1e-6) <= temperature.temperature <= 1.0  # float32(0.01) < 0.01
+        assert temperature.temperature == pytest.approx(bound, abs=1e-3)
 
 
 def test_retrieval_accuracy_identity_and_permutation():

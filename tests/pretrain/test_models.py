@@ -11,7 +11,16 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from common.errors import InputError
-from pretrain.models import build_model, build_neighbour_graph, create_backbone, estimate_flops_per_sample
+from pretrain.models import (
+    IMAGE_PRESETS,
+    build_model,
+    build_neighbour_graph,
+    compile_towers,
+    create_backbone,
+    estimate_flops_per_sample,
+    prepare_host_batch,
+    resolve_model_config,
+)
 
 VOCAB = 80
 CONTEXT = 16
@@ -54,7 +63,7 @@ def make_batch(n_cells: int = 3, nbr_counts=(2, 0, 3), seed: int = 0) -> dict:
     }
 
 
-@pytest.fixture(scope="module", params=["transformer", "bag"])
+@pytest.fixture(scope="module", params=["tokens", "transformer", "bag"])
 def model(request):
     torch.manual_seed(0)
     return build_model({"model": tiny_cfg(node_encoder=request.param)}).eval()
@@ -237,7 +246,7 @@ def test_unknown_config_key_raises():
         build_model(cfg)
 
 
-@pytest.mark.parametrize("node_encoder", ["transformer", "bag"])
+@pytest.mark.parametrize("node_encoder", ["tokens", "transformer", "bag"])
 def test_gradients_reach_every_parameter(node_encoder):
     torch.manual_seed(0)
     model = build_model(tiny_cfg(node_encoder=node_encoder)).train()
@@ -266,7 +275,7 @@ def test_grad_checkpointing_gives_same_gradients():
         torch.testing.assert_close(checkpointed, plain)
 
 
-@pytest.mark.parametrize("node_encoder", ["transformer", "bag"])
+@pytest.mark.parametrize("node_encoder", ["tokens", "transformer", "bag"])
 def test_flop_estimate_matches_flop_counter(node_encoder):
     k, n_cells = 3, 2
     cfg = tiny_cfg(node_encoder=node_encoder, radius_um=1e6)  # every neighbour pair is an edge
@@ -281,3 +290,90 @@ def test_flop_estimate_matches_flop_counter(node_encoder):
     counted = counter.get_total_flops() / n_cells
     estimate = estimate_flops_per_sample(cfg, n_neighbours=k)["forward"]
     assert estimate == pytest.approx(counted, rel=0.15)
+
+
+@pytest.mark.parametrize("node_encoder", ["tokens", "transformer", "bag"])
+def test_host_prepared_batch_gives_the_same_outputs_and_the_device_forward_reads_nothing_back(node_encoder):
+    """prepare_host_batch trims padding and builds the graph on the CPU; the forward then runs on the
+    meta device, where any read of a value (.tolist(), int(), nonzero) raises: no host sync."""
+    cfg = tiny_cfg(node_encoder=node_encoder)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    batch = make_batch()
+    batch["tokens"] = make_tokens(3, [9, 7, 11])  # every row padded past column 11
+    host = prepare_host_batch(batch, resolve_model_config(cfg))
+    assert host["tokens"].shape == (3, 11) and host["nbr_tokens"].shape[1] == 11
+    edge_index, _ = build_neighbour_graph(3, batch["nbr_offsets_um"], batch["nbr_batch"], radius_um=25.0)
+    torch.testing.assert_close(host["nbr_edge_index"], edge_index)
+    with torch.no_grad():
+        plain, prepared = model(batch), model(host)
+    for key in ("img_emb", "cell_emb", "graph_feat"):
+        torch.testing.assert_close(prepared[key], plain[key], rtol=1e-5, atol=1e-6)
+
+    meta_model = model.to("meta")
+    with torch.no_grad():
+        out = meta_model({k: v.to("meta") for k, v in host.items()})
+    assert out["cell_emb"].shape == (3, 8)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="meta|Meta"):  # control: the device graph reads sizes
+        meta_model({k: v.to("meta") for k, v in batch.items()})
+
+
+def test_tokens_node_encoder_is_the_papers_mean_token_embedding():
+    """Paper: h0 = Embed(G): the node feature is a projection of the mean of the cell transformer's own
+    token embeddings over the real tokens, far cheaper than running the transformer on every neighbour."""
+    cfg = tiny_cfg(node_encoder="tokens")
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    tokens = make_tokens(2, [5, 9])
+    with torch.no_grad():
+        nodes = model.graph.node_features(
+            tokens[:1], tokens[1:], token_embedding=model.cell_encoder.token_embedding.weight
+        )
+        emb = model.cell_encoder.token_embedding.weight
+        expected = torch.stack([emb[tokens[0, :5]].mean(0), emb[tokens[1, :9]].mean(0)])
+    torch.testing.assert_close(nodes, model.graph.node_proj(expected))
+    assert resolve_model_config(None)["graph"]["node_encoder"] == "tokens"  # the default
+    paper = estimate_flops_per_sample(None, n_neighbours=8)
+    assert paper["node_encoder"] == paper["node_encoder_tokens"] < paper["cell_encoder"] / 100
+
+
+def test_uni_preset_loads_a_layerscale_vit_checkpoint(tmp_path):
+    """model.image.preset: uni builds timm's ViT with LayerScale (init_values) and UNI's kwargs; a small
+    stand-in checkpoint with LayerScale loads strictly, and without the preset it is refused."""
+    small = {"img_size": 32, "patch_size": 16, "depth": 2, "embed_dim": 64, "num_heads": 2}
+    torch.manual_seed(3)
+    source = create_backbone("vit_large_patch16_224", {**IMAGE_PRESETS["uni"]["kwargs"], **small}).eval()
+    assert any(k.endswith("ls1.gamma") for k in source.state_dict())  # LayerScale, as in UNI
+    with torch.no_grad():
+        source.blocks[0].ls1.gamma.fill_(0.5)  # trained values, not the 1e-5 initialisation
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(source.state_dict(), path)
+    cfg = tiny_cfg()
+    cfg["image"] = {"preset": "uni", "kwargs": small, "weights": str(path)}
+    resolved = resolve_model_config(cfg)
+    assert resolved["image"]["arch"] == "vit_large_patch16_224"
+    assert resolved["image"]["kwargs"]["init_values"] == 1e-5 and resolved["image"]["kwargs"]["depth"] == 2
+    assert resolve_model_config(resolved) == resolved  # idempotent (the saved config resolves to itself)
+    model = build_model(cfg).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.image_encoder.features(images), source(images), rtol=0, atol=0)
+    plain = tiny_cfg()
+    plain["image"] = {"arch": "vit_large_patch16_224", "kwargs": small, "weights": str(path)}
+    with pytest.raises(InputError, match="ls1.gamma"):
+        build_model(plain)
+    with pytest.raises(InputError, match="preset"):
+        resolve_model_config({"image": {"preset": "conch"}})
+
+
+def test_compile_wraps_the_towers_and_keeps_the_state_dict_keys():
+    cfg = tiny_cfg()
+    cfg["compile"] = True
+    model = build_model(cfg)  # build_model never compiles (export and inference build models too)
+    assert model.cell_encoder._compiled_call_impl is None
+    keys = list(model.state_dict())
+    compile_towers(model)
+    assert model.cell_encoder._compiled_call_impl is not None
+    assert model.image_encoder.backbone._compiled_call_impl is not None
+    assert model.graph._compiled_call_impl is None
+    assert list(model.state_dict()) == keys

@@ -7,10 +7,13 @@ crop colour is tied to the cell's leading gene token:
 * kill-and-resume on 2 ranks (`--num_gpus 2`): SIGKILL the launcher's process group once the
   first checkpoint is published mid-epoch; `latest` must load, and the resumed run must continue
   at the saved step + 1 with the same learning rate, data epoch and samples an uninterrupted run
-  had. The resumed run finishes, so it is also the plain "2 ranks train a few steps and write
-  TensorBoard events and checkpoints" run;
+  had, and end with the same weights AND optimizer state (moments, step counts) as a run that was
+  never interrupted, bit for bit. The resumed run finishes, so it is also the plain "2 ranks train
+  a few steps and write TensorBoard events and checkpoints" run;
+* a corrupt JPEG mid-run on 2 ranks: skipped, named and counted (log, TensorBoard, final
+  metrics), and the run finishes;
 * two "nodes" of one rank each, started by two launchers (`--no_ssh --node_rank`, master on
-  127.0.0.1): the ranks read disjoint shards every epoch and end with identical weights.
+  127.0.0.1): the ranks read disjoint samples covering the epoch and end with identical weights.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -37,10 +41,12 @@ from common.atomic import write_json
 from common.config import apply_schema
 from common.errors import InputError
 from data_shards.manifest import SLIDE_MANIFEST_NAME, merge_manifests
+from data_shards.reader import tar_samples
 from data_shards.sample import encode_sample
 from data_shards.writer import ShuffledShardWriter, plan_shards
 from pretrain import checkpoint as ckpt
 from pretrain.config import PretrainConfig
+from pretrain.data import plan_rank
 from pretrain.deepspeed_config import build_deepspeed_config
 from pretrain.loss import LearnableTemperature
 from pretrain.schedule import WarmupCosineSchedule, target_mix_at, warmup_cosine_lr
@@ -291,9 +297,9 @@ def test_no_weight_decay_on_biases_norms_positions_and_temperature():
     decay, no_decay = parameter_groups(module, 0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert [p.shape for p in decay["params"]] == [torch.Size([4, 3])]
-    assert module.temperature.logit_scale.shape == (1,)  # DeepSpeed cannot broadcast 0-dim parameters
-    assert any(p is module.temperature.logit_scale for p in no_decay["params"])
-    assert len(no_decay["params"]) == 5  # bias, LN weight + bias, position embedding, logit_scale
+    assert module.temperature.raw.shape == (1,)  # DeepSpeed cannot broadcast 0-dim parameters
+    assert any(p is module.temperature.raw for p in no_decay["params"])
+    assert len(no_decay["params"]) == 5  # bias, LN weight + bias, position embedding, τ raw
 
 
 def test_deepspeed_config_takes_batch_clipping_and_precision_from_the_train_section(tmp_path):
@@ -359,7 +365,7 @@ def test_two_ranks_train_and_resume_after_sigkill_at_the_same_step_lr_and_data(t
     states = torch.load(
         out / "checkpoints" / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
     )
-    assert "temperature.logit_scale" in states["module"] and states["step"] == saved["step"]  # `latest` loads
+    assert "temperature.raw" in states["module"] and states["step"] == saved["step"]  # `latest` loads
     before = {r: _read_jsonl(out / "debug" / f"samples_rank{r}.jsonl") for r in (0, 1)}
 
     second = _start(launcher, overrides + ["resume=latest"], log_path)
@@ -407,6 +413,20 @@ def test_two_ranks_train_and_resume_after_sigkill_at_the_same_step_lr_and_data(t
     changed = [k for k in weights_at[total] if not torch.equal(weights_at[total][k], weights_at[saved["step"]][k])]
     assert len(changed) > len(weights_at[total]) // 2  # training moved most tensors
 
+    # The same run never interrupted: the same weights and optimizer state at the end, bit for bit.
+    # (Fails when the resume does not restore the optimizer: load_optimizer_states=False.)
+    straight = tmp_path / "straight"
+    overrides_straight = [o if not o.startswith("out_dir=") else f"out_dir={straight}" for o in overrides]
+    _wait(_start(launcher, overrides_straight, tmp_path / "straight.log"), tmp_path / "straight.log")
+    differences = _checkpoint_differences(
+        out / "checkpoints" / ckpt.tag_for_step(total), straight / "checkpoints" / ckpt.tag_for_step(total)
+    )
+    n_weights = sum(t.numel() for t in weights_at[total].values())
+    # Compared: the weights, and Adam's two moments + fp32 master copy of every weight (ZeRO partitions).
+    assert differences["numel"]["module"] >= n_weights
+    assert min(differences["numel"][k] for k in ("exp_avg", "exp_avg_sq", "fp32_master")) >= n_weights
+    assert not differences["differ"], f"resumed run differs from the uninterrupted one: {differences['differ'][:10]}"
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(out / "tensorboard")).Reload()
@@ -428,10 +448,106 @@ def test_two_ranks_train_and_resume_after_sigkill_at_the_same_step_lr_and_data(t
     assert all(math.isfinite(e.value) for e in events.Scalars("train/loss"))
 
 
+def _tensors(value, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor in a nested checkpoint structure, by path."""
+    if isinstance(value, torch.Tensor):
+        return {prefix: value}
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    found = {}
+    for key, item in items:
+        found.update(_tensors(item, f"{prefix}/{key}"))
+    return found
+
+
+def _checkpoint_differences(a: Path, b: Path) -> dict:
+    """Compare every tensor of two DeepSpeed checkpoint folders (model states and every rank's optimizer
+    states, fp32 master weights and Adam moments included); paths of those that differ."""
+    names = sorted(p.name for p in a.glob("*.pt"))
+    assert names == sorted(p.name for p in b.glob("*.pt")) and any("optim_states" in n for n in names), names
+    compared, differ = 0, []
+    numel = dict.fromkeys(("module", "exp_avg", "exp_avg_sq", "fp32_master"), 0)
+    for name in names:
+        left = _tensors(torch.load(a / name, map_location="cpu", weights_only=False))
+        right = _tensors(torch.load(b / name, map_location="cpu", weights_only=False))
+        assert left.keys() == right.keys(), name
+        for path in left:
+            compared += 1
+            kind = path.rsplit("/", 1)[-1] if path.endswith(("/exp_avg", "/exp_avg_sq")) else None
+            kind = kind or ("module" if path.startswith("/module/") else None)
+            kind = kind or ("fp32_master" if "fp32" in path else None)
+            if kind:
+                numel[kind] += left[path].numel()
+            if left[path].shape != right[path].shape or not torch.equal(left[path], right[path]):
+                differ.append(f"{name}{path}")
+    return {"compared": compared, "differ": differ, "numel": numel}
+
+
+def _planted_key_read_first(shards: Path, rank: int, world_size: int, seed: int) -> tuple[str, str]:
+    """(shard path, key) of the first sample ``rank`` reads in epoch 0 (split=samples, one worker)."""
+    manifest = json.loads((shards / "manifest.json").read_text())
+    sizes = [s["n_samples"] for s in manifest["shards"]]
+    plan = plan_rank(
+        sizes, 8, rank=rank, world_size=world_size, num_workers=0, epoch=0, seed=seed, steps=1, resample=False
+    )
+    shard, first, _ = plan.worker_pieces[0][0]
+    path = shards / manifest["shards"][shard]["path"]
+    key = [s["__key__"] for s in tar_samples([{"url": str(path)}])][first]
+    return str(path), key
+
+
 @pytest.mark.slow
-def test_two_nodes_of_one_rank_read_disjoint_shards_and_end_with_identical_weights(tmp_path):
+def test_two_ranks_skip_a_corrupt_jpeg_mid_run_count_it_and_finish(tmp_path):
     shards = tmp_path / "shards"
-    key_to_shard = make_planted_shards(shards, n_samples=96, samples_per_shard=24)  # 4 shards
+    make_planted_shards(shards, n_samples=240, samples_per_shard=30)  # 8 shards, 120 samples per rank
+    shard_path, bad_key = _planted_key_read_first(shards, rank=1, world_size=2, seed=0)
+    with tarfile.open(shard_path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+    with tarfile.open(shard_path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            if name == f"{bad_key}.jpg":
+                data = data[:100] + b"\xff\x00" * 64  # a JPEG that stops decoding part-way
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "run"
+    overrides = TINY + [
+        f"data.manifest={shards / 'manifest.json'}",
+        f"out_dir={out}",
+        "train.epochs=1",
+        "train.steps_per_epoch=14",  # 112 of rank 1's 119 readable samples: one pass, the bad one met once
+        "checkpoint.every_steps=0",
+        "data.bad_samples_allowed=1",  # one unreadable sample is tolerated whatever the fraction
+        "data.max_bad_fraction=0.0001",
+    ]
+    log_path = tmp_path / "launcher.log"
+    _wait(_start(["--num_gpus", "2", "--master_port", str(_free_port())], overrides, log_path), log_path)
+
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert final["step"] == 14 and final["bad_samples"] == 1
+    assert final["bad_fraction"] == pytest.approx(1 / (14 * 8 * 2 + 1))
+    trained = {k for r in (0, 1) for rec in _read_jsonl(out / "debug" / f"samples_rank{r}.jsonl") for k in rec["keys"]}
+    assert bad_key not in trained and len(trained) == 14 * 8 * 2
+    text = log_path.read_text(errors="replace")
+    assert f"key {bad_key}" in text and Path(shard_path).name in text  # the log line names shard and key
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    assert events.Scalars("data/bad_samples")[-1].value == 1
+
+    # Control: the same damage with a bound it passes stops every rank with one clear error.
+    strict = [o for o in overrides if not o.startswith(("out_dir=", "data.bad_samples_allowed="))]
+    strict += [f"out_dir={tmp_path / 'strict'}", "data.bad_samples_allowed=0"]
+    proc = _start(["--num_gpus", "2", "--master_port", str(_free_port())], strict, tmp_path / "strict.log")
+    assert proc.wait(timeout=RUN_TIMEOUT_S) != 0
+    strict_log = (tmp_path / "strict.log").read_text(errors="replace")
+    assert "data.max_bad_fraction" in strict_log and f"{bad_key}" in strict_log  # the one clear error
+    assert "Connection closed by peer" not in strict_log
+
+
+@pytest.mark.slow
+def test_two_nodes_of_one_rank_read_disjoint_samples_and_end_with_identical_weights(tmp_path):
+    shards = tmp_path / "shards"
+    key_to_shard = make_planted_shards(shards, n_samples=96, samples_per_shard=24)  # 4 shards, 96 keys
     out = tmp_path / "run"
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
@@ -465,11 +581,10 @@ def test_two_nodes_of_one_rank_read_disjoint_shards_and_end_with_identical_weigh
 
     records = {r: _read_jsonl(out / "debug" / f"samples_rank{r}.jsonl") for r in (0, 1)}
     for epoch in (0, 1):
-        read = {
-            r: {key_to_shard[k] for rec in records[r] if rec["epoch"] == epoch for k in rec["keys"]} for r in (0, 1)
-        }
+        read = {r: {k for rec in records[r] if rec["epoch"] == epoch for k in rec["keys"]} for r in (0, 1)}
         assert read[0] and read[1]
         assert not read[0] & read[1], f"epoch {epoch}: both ranks read {read[0] & read[1]}"
+        assert read[0] | read[1] == set(key_to_shard)  # 6 steps x 8 x 2 ranks = all 96 samples
     assert [r["step"] for r in records[0]] == [r["step"] for r in records[1]] == list(range(1, 13))
 
     weights = [torch.load(out / "debug" / f"final_weights_rank{r}.pt", weights_only=True) for r in (0, 1)]
