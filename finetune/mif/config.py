@@ -22,7 +22,7 @@ class SyntheticMIFConfig:
     n_tiles: int = 32  # random cell-rich tiles of the bundle's H&E
     tile_px: int = 224  # tile side (px of the H&E's level 0)
     seed: int = 0  # seeds the tiles and the painting
-    flip_rate: float = 0.05  # share of cells whose positivity disagrees with their type
+    flip_rate: float = 0.05  # share of a marker's type-positive cells that lose it; as many negatives gain it
     overwrite: bool = False  # repaint the set even when data.root holds one
 
 
@@ -33,6 +33,7 @@ class MIFDataConfig:
     root: Optional[str] = None  # the folder (written there when data.synthetic is set); required
     markers: Optional[list[str]] = None  # channels to predict; null = every marker and nuclear channel (not the AF one)
     split_fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])  # train/val/test without splits.csv
+    um_per_px: Optional[float] = None  # tile resolution (µm/px); null = the synthetic set's truth.json (ORION: 0.5)
     synthetic: Optional[SyntheticMIFConfig] = None  # write the demo set when missing; null for real data
 
 
@@ -83,6 +84,10 @@ class MIFTrainConfig:
     warmup_steps: int = 400  # linear warmup (cut to half of training on short runs)
     grad_clip: float = 1.0  # gradient-norm clipping
     augment: bool = True  # random flips / 90° rotations of H&E, targets and nuclei together
+    color_augment: bool = True  # with augment: HED jitter and brightness jitter of the H&E alone
+    hed_jitter: float = 0.05  # σ of the HED jitter: per-stain density scale 1 ± σ, shift ± σ·mean density
+    brightness_jitter: float = 0.1  # H&E intensity times 1 ± this
+    val_every: int = 50  # score the validation Cell AUC every this many steps and keep the best (0: last step)
     num_workers: int = 4  # DataLoader worker processes
     cache_tiles: bool = False  # keep preprocessed tiles in memory (small sets)
     precision: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
@@ -97,8 +102,19 @@ class MIFEvalConfig:
     batch_size: int = 16  # tiles per prediction batch
     min_nucleus_area_px: int = 20  # nuclei smaller than this are not scored (MIPHEI: 20 px at 0.5 µm/px)
     gate_min_cells: int = 10  # cells with signal a marker's GMM gate needs
+    dilate_um: float = 0.0  # per-cell means over the nucleus grown by this many µm (0: the nucleus; e.g. 2)
     n_figure_tiles: int = 3  # test tiles in examples.png
     write_predictions: bool = True  # predictions/<tile>.tif per test tile
+
+
+@dataclass
+class MIFControlsConfig:
+    """Controls of the encoder comparison (:mod:`finetune.mif.controls`), with ``baseline: random``."""
+
+    random_seeds: int = 3  # random-weight encoders, each training the whole head (time grows with each)
+    oracle: bool = True  # the planted cell types as the prediction (synthetic sets: truth.json); the ceiling
+    shuffled_oracle: bool = True  # the oracle permuted between cells: must not beat random
+    n_boot: int = 1000  # tile-bootstrap resamples for the 95 % intervals
 
 
 @dataclass
@@ -112,7 +128,8 @@ class MIFConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)  # the target transform
     encoder: EncoderConfig = field(default_factory=EncoderConfig)  # the ViT image encoder the head starts from
     model: MIFModelConfig = field(default_factory=MIFModelConfig)  # the generator
-    baseline: str = "mean"  # mean (training mean per marker) | random (same head, random ViT) | none
+    baseline: str = "mean"  # mean (training mean per marker) | random (same head, random ViTs; controls) | none
+    controls: MIFControlsConfig = field(default_factory=MIFControlsConfig)  # oracle, random seeds, bootstrap
     train: MIFTrainConfig = field(default_factory=MIFTrainConfig)  # optimisation
     eval: MIFEvalConfig = field(default_factory=MIFEvalConfig)  # evaluation
     run_dir: Optional[str] = None  # base folder the other paths may interpolate (${run_dir}/...)
@@ -126,4 +143,5 @@ __all__ = [
     "MIFModelConfig",
     "MIFTrainConfig",
     "MIFEvalConfig",
+    "MIFControlsConfig",
 ]

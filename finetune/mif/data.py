@@ -679,8 +679,10 @@ class MIFTileDataset(Dataset):
 
     ``size_px`` (h, w): resize everything to the model's input size (H&E and targets bilinear with
     antialiasing, nuclei nearest) — the model predicts at the encoder's input size. ``augment``: the
-    same random flip / 90° rotation for the three. ``cache``: keep preprocessed tiles in memory
-    (small sets; leave off for a cohort).
+    same random flip / 90° rotation for the three. ``hed_jitter`` / ``brightness_jitter`` (with
+    ``augment``): colour augmentation of the H&E alone (:func:`jitter_he`); the targets keep their
+    values, so the model learns marker intensity from tissue, not from stain strength. ``cache``:
+    keep preprocessed tiles in memory (small sets; leave off for a cohort).
     """
 
     def __init__(
@@ -690,11 +692,15 @@ class MIFTileDataset(Dataset):
         size_px: tuple[int, int] | None = None,
         augment: bool = False,
         cache: bool = False,
+        hed_jitter: float = 0.0,
+        brightness_jitter: float = 0.0,
     ):
         self.tiles = list(tiles)
         self.preprocessor = preprocessor
         self.size_px = None if size_px is None else (int(size_px[0]), int(size_px[1]))
         self.augment = augment
+        self.hed_jitter = float(hed_jitter)
+        self.brightness_jitter = float(brightness_jitter)
         self.cache = cache
         self._cached: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -727,7 +733,35 @@ class MIFTileDataset(Dataset):
         he, target, nuclei = self.load(index)
         if self.augment:
             he, target, nuclei = random_dihedral(he, target, nuclei, axes=TILE_AXES)
+            if self.hed_jitter > 0 or self.brightness_jitter > 0:
+                he = jitter_he(he, self.hed_jitter, self.brightness_jitter)
         return {"he": he, "target": target, "nuclei": nuclei, "index": index}
+
+
+def jitter_he(he: torch.Tensor, hed_sigma: float, brightness: float) -> torch.Tensor:
+    """Colour augmentation of one uint8 H&E tile (H, W, 3): HED jitter, then brightness.
+
+    HED jitter (Tellez et al. 2018): the optical density ``−log((I + 1) / 256)`` is split into hematoxylin,
+    eosin and DAB densities (skimage's Ruifrok-Johnston matrices ``hed_from_rgb`` / ``rgb_from_hed``, exact
+    inverses, so no jitter gives the tile back), each scaled by ``1 + U(−σ, σ)`` and shifted by ``U(−σ, σ)``
+    times its mean density, and recomposed. Brightness: all channels times ``1 + U(−brightness, brightness)``.
+    Draws from torch's generator (each DataLoader worker its own stream).
+    """
+    from skimage.color import hed_from_rgb, rgb_from_hed
+
+    rgb = he.numpy()
+    if hed_sigma > 0:
+        draws = (torch.rand(2, 3) * 2 - 1).numpy().astype(np.float64) * hed_sigma  # (scale, shift) × (H, E, D)
+        od = -np.log((rgb.astype(np.float64) + 1.0) / 256.0)  # (H, W, 3) ≥ 0
+        hed = od @ hed_from_rgb
+        mean_od = hed.reshape(-1, 3).mean(axis=0)
+        hed = hed * (1.0 + draws[0]) + draws[1] * mean_od
+        out = 256.0 * np.exp(-(hed @ rgb_from_hed)) - 1.0
+    else:
+        out = rgb.astype(np.float64)
+    if brightness > 0:
+        out = out * (1.0 + float(torch.rand(()) * 2 - 1) * brightness)
+    return torch.from_numpy(np.clip(np.round(out), 0, 255).astype(np.uint8))
 
 
 def resize_tile(
@@ -767,6 +801,7 @@ __all__ = [
     "to_target",
     "to_unit",
     "MIFTileDataset",
+    "jitter_he",
     "resize_tile",
     "TILE_AXES",
 ]

@@ -8,15 +8,22 @@ SSIM is the mean over test tiles of ``finetune.metrics.ssim``.
 Cell level (MIPHEI ``src/metrics.py::CellMetrics`` and ``preprocessings/single_cell_analysis``):
 
 1. each nucleus of the instance mask gets the mean predicted and the mean measured intensity of every
-   marker, in the [0, 1] unit space (``(y + 0.9) / 1.8``), nuclei under ``min_area_px`` dropped;
+   marker, in the [0, 1] unit space (``(y + 0.9) / 1.8``), nuclei under ``min_area_px`` dropped; with
+   ``dilate_px`` > 0 the mean is over the nucleus grown by that many px (skimage ``expand_labels``: it
+   never grows into a neighbour), which takes in the membrane and cytoplasm of the cell;
 2. labels: per marker, a 2-component Gaussian mixture (sklearn) on the measured means of the cells with
    signal (> 0); positive = above the point where the higher-mean component becomes the more probable one
    (the two Gaussians' crossing, as MIPHEI's gating notebook); cells without signal are negative. A gate
    that cannot be drawn (too few cells with signal, a single class) gives NaN metrics and a warning;
 3. a logistic regression (standardised features, ``class_weight="balanced"``) per marker, with the predicted
    means of *all* cell markers as features, is fitted on validation cells and applied to test cells;
-4. per marker: Cell AUC (ROC AUC of the classifier's probabilities), F1 and balanced accuracy of its 0.5
-   decisions; ``auc_intensity`` is the AUC of the marker's own predicted mean (MIPHEI's plain "auc").
+4. per marker: **Cell AUC** (``cell_auc``) = the ROC AUC of the marker's own mean predicted intensity per
+   nucleus against the gated labels, as MIPHEI defines it (its plain "auc": no fitted step between the
+   prediction and the score); ``auc_classifier`` = the ROC AUC of the classifier's probabilities; F1 and
+   balanced accuracy of the classifier's 0.5 decisions.
+
+:func:`roc_auc` is the rank (Mann-Whitney) form of the ROC AUC, ties counted half, cheap enough for the
+bootstrap of :mod:`finetune.mif.controls`.
 
 The nuclear stain (DAPI/Hoechst: every cell positive) is excluded from the cell level, as in MIPHEI.
 """
@@ -99,10 +106,25 @@ def pixel_metrics(preds: Sequence[np.ndarray], targets: Sequence[np.ndarray], ma
 # Cell level
 
 
-def nucleus_means(image: np.ndarray, nuclei: np.ndarray, min_area_px: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Mean of every channel of ``image`` (C, H, W) inside each nucleus of ``nuclei`` (H, W).
+def cell_regions(nuclei: np.ndarray, dilate_px: float = 0.0) -> np.ndarray:
+    """The label image whose region k is scored for nucleus k: the nuclei themselves, or grown by ``dilate_px``
+    (skimage ``expand_labels``: each background pixel within that distance joins its nearest nucleus)."""
+    if dilate_px < 0:
+        raise InputError(None, "eval.dilate_um", "a distance >= 0", dilate_px)
+    if dilate_px == 0:
+        return nuclei
+    from skimage.segmentation import expand_labels
 
-    Returns (labels (n,), means (n, C)) for the labels present with at least ``min_area_px`` pixels.
+    return expand_labels(nuclei, distance=float(dilate_px))
+
+
+def nucleus_means(
+    image: np.ndarray, nuclei: np.ndarray, min_area_px: int = 0, dilate_px: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of every channel of ``image`` (C, H, W) inside each nucleus of ``nuclei`` (H, W), or inside the
+    nucleus grown by ``dilate_px`` (:func:`cell_regions`).
+
+    Returns (labels (n,), means (n, C)) for the labels whose *nucleus* has at least ``min_area_px`` pixels.
     """
     from scipy import ndimage as ndi
 
@@ -116,7 +138,8 @@ def nucleus_means(image: np.ndarray, nuclei: np.ndarray, min_area_px: int = 0) -
     labels = labels[labels > 0]
     if labels.size == 0:
         return labels, np.zeros((0, image.shape[0]))
-    means = np.stack([np.asarray(ndi.mean(channel, labels=nuclei, index=labels)) for channel in image], axis=1)
+    regions = cell_regions(nuclei, dilate_px)
+    means = np.stack([np.asarray(ndi.mean(channel, labels=regions, index=labels)) for channel in image], axis=1)
     return labels, means  # (n,), (n, C)
 
 
@@ -170,6 +193,30 @@ def gate_markers(
     return labels, gates
 
 
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC of ``scores`` for binary ``labels`` (1 positive, 0 negative; NaN labels dropped), from ranks
+    (Mann-Whitney U / (n_pos·n_neg), ties counted half); NaN when one class is missing."""
+    from scipy.stats import rankdata
+
+    scores = np.asarray(scores, np.float64).ravel()
+    labels = np.asarray(labels, np.float64).ravel()
+    keep = np.isfinite(labels)
+    scores, positive = scores[keep], labels[keep] > 0.5
+    n_pos = int(positive.sum())
+    n_neg = int(len(positive) - n_pos)
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    ranks = rankdata(scores)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def cell_auc_table(scores: np.ndarray, labels: np.ndarray, markers: Sequence[str]) -> pd.DataFrame:
+    """Per marker Cell AUC of per-cell scores (n, M) against gated labels (n, M): a row per marker."""
+    return pd.DataFrame(
+        {"marker": list(markers), "cell_auc": [roc_auc(scores[:, m], labels[:, m]) for m in range(len(markers))]}
+    )
+
+
 def cell_classifier_metrics(
     val_pred: np.ndarray,
     val_labels: np.ndarray,
@@ -178,10 +225,11 @@ def cell_classifier_metrics(
     markers: Sequence[str],
     seed: int = 0,
 ) -> tuple[pd.DataFrame, np.ndarray]:
-    """Per marker logistic regression on validation cells → Cell AUC, F1, balanced accuracy on test cells.
+    """Per marker Cell AUC of the predicted means, and a logistic regression on validation cells → its AUC,
+    F1, balanced accuracy on test cells.
 
-    ``*_pred``: predicted per-cell means (n, M), all used as features; ``*_labels``: gated labels (n, M),
-    NaN columns for ungated markers. Returns the table and the test probabilities (n_test, M).
+    ``*_pred``: predicted per-cell means (n, M), all used as the classifier's features; ``*_labels``: gated
+    labels (n, M), NaN columns for ungated markers. Returns the table and the test probabilities (n_test, M).
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
@@ -193,9 +241,9 @@ def cell_classifier_metrics(
         row = {
             "marker": name,
             "cell_auc": math.nan,
+            "auc_classifier": math.nan,
             "f1": math.nan,
             "balanced_accuracy": math.nan,
-            "auc_intensity": math.nan,
             "n_test_cells": int(len(test_labels)),
             "n_test_positive": (math.nan if np.isnan(test_labels[:, m]).all() else int(np.nansum(test_labels[:, m])))
             if len(test_labels)
@@ -209,8 +257,10 @@ def cell_classifier_metrics(
             problem = "one class among validation cells"
         elif len(np.unique(y_test)) < 2:
             problem = "one class among test cells"
+        if problem == "one class among validation cells":
+            row["cell_auc"] = roc_auc(test_pred[:, m], y_test)
         if problem and problem != "not gated":  # an ungated marker was reported by gate_markers
-            log.warning("marker %s: %s; Cell AUC / F1 / balanced accuracy are NaN", name, problem)
+            log.warning("marker %s: %s; classifier AUC / F1 / balanced accuracy are NaN", name, problem)
         if problem:
             rows.append(row)
             continue
@@ -222,10 +272,10 @@ def cell_classifier_metrics(
         decision = (p >= 0.5).astype(int)
         probs[:, m] = p
         row.update(
-            cell_auc=float(roc_auc_score(y_test, p)),
+            cell_auc=roc_auc(test_pred[:, m], y_test),
+            auc_classifier=float(roc_auc_score(y_test, p)),
             f1=float(f1_score(y_test, decision, zero_division=0)),
             balanced_accuracy=float(balanced_accuracy_score(y_test, decision)),
-            auc_intensity=float(roc_auc_score(y_test, test_pred[:, m])),
         )
         rows.append(row)
     return pd.DataFrame(rows), probs
@@ -275,6 +325,7 @@ TABLE_COLUMNS = {
     "psnr": Column("PSNR dB", 10, "psnr", ".2f"),
     "ssim": Column("SSIM", 10, "ssim", ".3f"),
     "cell_auc": Column("Cell AUC", 10, "cell_auc", ".3f"),
+    "auc_classifier": Column("clf AUC", 10, "auc_classifier", ".3f"),
     "f1": Column("F1", 10, "f1", ".3f"),
     "balanced_accuracy": Column("bal.acc", 10, "balanced_accuracy", ".3f"),
     "n_test_positive": Column("pos/cells", 10, _positive_of_cells),
@@ -429,9 +480,11 @@ def score_split(
     pixels: bool = True,
     keep: int = 0,
     write_dir: Path | None = None,
+    dilate_px: float = 0.0,
 ) -> dict[str, Any]:
     """One pass over a split, tile by tile: pixel metrics, per-nucleus means in [0, 1] of the cell markers
-    (predicted and measured), the first ``keep`` predictions (figures), prediction TIFFs into ``write_dir``."""
+    (predicted and measured; over the nucleus grown by ``dilate_px``), the first ``keep`` predictions
+    (figures), prediction TIFFs into ``write_dir``."""
     acc = PixelAccumulator(markers) if pixels else None
     pred_rows, measured_rows, tiles, labels, kept = [], [], [], [], []
     for i, (_, target, nuclei), pred in predict_tiles(predictor, dataset, batch_size):
@@ -439,8 +492,9 @@ def score_split(
         if acc is not None:
             acc.update(pred, target_np)
         if cell_index:
-            ids, p = nucleus_means(to_unit(pred[list(cell_index)]), nuclei_np, min_area_px)
-            _, t = nucleus_means(to_unit(target_np[list(cell_index)]), nuclei_np, min_area_px)
+            both = to_unit(np.concatenate([pred[list(cell_index)], target_np[list(cell_index)]]))
+            ids, means = nucleus_means(both, nuclei_np, min_area_px, dilate_px)
+            p, t = means[:, : len(cell_index)], means[:, len(cell_index) :]
             pred_rows.append(p)
             measured_rows.append(t)
             tiles.extend([dataset.tiles[i].name] * len(ids))
@@ -472,16 +526,20 @@ def evaluate_run(
     seed: int = 0,
     keep: int = 0,
     write_dir: Path | None = None,
+    dilate_px: float = 0.0,
 ) -> tuple[pd.DataFrame, pd.DataFrame, list[np.ndarray]]:
     """Per-marker pixel and cell metrics on the test split (cell classifier fitted on the validation split),
-    the test-cell table and the first ``keep`` test predictions. Cell metrics are NaN for the nuclear stain."""
+    the test-cell table and the first ``keep`` test predictions. Cell metrics are NaN for the nuclear stain.
+    Per-cell means over the nuclei grown by ``dilate_px`` (0: the nuclei)."""
     index = [list(markers).index(m) for m in cell_markers]
     min_area, batch = int(eval_cfg["min_nucleus_area_px"]), int(eval_cfg["batch_size"])
-    test = score_split(predictor, test_ds, markers, index, min_area, batch, keep=keep, write_dir=write_dir)
+    test = score_split(
+        predictor, test_ds, markers, index, min_area, batch, keep=keep, write_dir=write_dir, dilate_px=dilate_px
+    )
     table = test["pixels"].table()
     cells = pd.DataFrame()
     if cell_markers:
-        val = score_split(predictor, val_ds, markers, index, min_area, batch, pixels=False)
+        val = score_split(predictor, val_ds, markers, index, min_area, batch, pixels=False, dilate_px=dilate_px)
         cell_table, cells, _ = cell_level_evaluation(
             val["cells"], test["cells"], cell_markers, seed=seed, min_cells=int(eval_cfg["gate_min_cells"])
         )
@@ -489,6 +547,52 @@ def evaluate_run(
         cells.insert(0, "tile", test["cells"]["tile"])
         table = table.merge(cell_table, on="marker", how="left")
     return table, cells, test["kept"]
+
+
+class ValidationScorer:
+    """The checkpoint criterion: mean Cell AUC over the cell markers on the validation tiles.
+
+    The validation cells are gated once, on their own measured means (the test cells are never seen);
+    each call predicts the validation tiles and scores the per-cell predicted means against those labels.
+    """
+
+    def __init__(
+        self,
+        val_ds: MIFTileDataset,
+        markers: Sequence[str],
+        cell_markers: Sequence[str],
+        eval_cfg: Mapping[str, Any],
+        seed: int = 0,
+        dilate_px: float = 0.0,
+    ):
+        self.dataset = val_ds
+        self.markers = list(markers)
+        self.index = [self.markers.index(m) for m in cell_markers]
+        self.min_area = int(eval_cfg["min_nucleus_area_px"])
+        self.batch = int(eval_cfg["batch_size"])
+        self.dilate_px = float(dilate_px)
+        measured = []
+        for i in range(len(val_ds)):
+            _, target, nuclei = val_ds.load(i)
+            unit = to_unit(target.numpy()[self.index])
+            measured.append(nucleus_means(unit, nuclei.numpy(), self.min_area, self.dilate_px)[1])
+        stacked = np.concatenate(measured) if measured else np.zeros((0, len(self.index)))
+        self.labels, _ = gate_markers(stacked, list(cell_markers), seed=seed, min_cells=int(eval_cfg["gate_min_cells"]))
+
+    def __call__(self, predictor: Predictor) -> float:
+        cells = score_split(
+            predictor,
+            self.dataset,
+            self.markers,
+            self.index,
+            self.min_area,
+            self.batch,
+            False,
+            dilate_px=self.dilate_px,
+        )["cells"]
+        values = [roc_auc(cells["pred"][:, m], self.labels[:, m]) for m in range(len(self.index))]
+        finite = [v for v in values if v == v]
+        return float(np.mean(finite)) if finite else math.nan
 
 
 def records(table: pd.DataFrame) -> list[dict]:
@@ -499,7 +603,7 @@ def records(table: pd.DataFrame) -> list[dict]:
 def summary(table: pd.DataFrame) -> dict[str, float | None]:
     """Mean over markers of each headline metric (ignoring undefined values; None when none is defined)."""
     out = {}
-    for key in ("psnr", "ssim", "cell_auc", "f1", "balanced_accuracy"):
+    for key in ("psnr", "ssim", "cell_auc", "auc_classifier", "f1", "balanced_accuracy"):
         if key in table:
             values = table[key].to_numpy(dtype=float)
             values = values[np.isfinite(values)]
@@ -510,7 +614,10 @@ def summary(table: pd.DataFrame) -> dict[str, float | None]:
 __all__ = [
     "PixelAccumulator",
     "pixel_metrics",
+    "cell_regions",
     "nucleus_means",
+    "roc_auc",
+    "cell_auc_table",
     "Gate",
     "gmm_gate",
     "gate_markers",
@@ -526,6 +633,7 @@ __all__ = [
     "predict_tiles",
     "score_split",
     "evaluate_run",
+    "ValidationScorer",
     "records",
     "summary",
 ]

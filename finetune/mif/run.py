@@ -11,11 +11,18 @@
    pyramid + U-Net decoder, LoRA / frozen / full fine-tuning), per-marker weighted MSE (1/std of the training
    targets), Adam lr 2e-4 + weight decay 1e-5, MIPHEI's schedule (linear warmup over ``warmup_steps``,
    constant to half of training, linear decay to 0), gradient clipping at norm 1, random flips/90° rotations
-   (:mod:`finetune.mif.train`, on the shared loop :func:`finetune.training.fit`);
-4. evaluation on test tiles (:mod:`finetune.mif.evaluate`): PSNR and SSIM per marker, Cell AUC / F1 / balanced
-   accuracy per marker from per-nucleus means, GMM-gated labels and a logistic regression fitted on the
-   validation cells; a baseline in the same table: ``mean`` (the training mean of every marker, everywhere)
-   or ``random`` (the same head trained on a randomly initialised encoder of the same architecture).
+   and HED / brightness jitter of the H&E (:mod:`finetune.mif.train`, on the shared loop
+   :func:`finetune.training.fit`); the checkpoint kept is the one with the best validation Cell AUC
+   (scored every ``train.val_every`` steps);
+4. evaluation on test tiles (:mod:`finetune.mif.evaluate`): PSNR and SSIM per marker; per marker the Cell
+   AUC as MIPHEI defines it (ROC AUC of the mean predicted intensity per nucleus — or per nucleus grown by
+   ``eval.dilate_um`` — against GMM-gated labels), and a logistic regression fitted on the validation
+   cells (``auc_classifier``, F1, balanced accuracy); a baseline: ``mean`` (the training mean of every
+   marker, everywhere) or ``random``: the same head trained on ``controls.random_seeds`` randomly
+   initialised encoders of the same architecture, with the controls of :mod:`finetune.mif.controls`
+   (oracle = the planted cell types when the set has them, the shuffled oracle, a tile-bootstrap 95 %
+   interval of the pretrained-minus-random mean Cell AUC, and the gate that withholds the verdict when
+   the oracle cannot be told from random).
 
 Outputs in ``out_dir``: ``config.yaml``, ``model/`` (``model.safetensors``: the whole generator with LoRA merged
 into the ViT's q/v weights, loadable into a ``finetune="frozen"`` build; ``lora.safetensors``: the adapters alone;
@@ -52,8 +59,11 @@ from finetune.training import PRECISIONS, torch_threads
 
 from .checkpoint import build_from_config, load_mif_checkpoint, save_checkpoint
 from .config import MIFConfig
+from .controls import compare_runs, oracle_scores, read_planted, shuffled_rows
 from .data import MIFLayout, MIFPreprocessor, MIFTileDataset, fit_preprocessor, read_orion_layout
 from .evaluate import (
+    ValidationScorer,
+    cell_auc_table,
     evaluate_run,
     format_table,
     mean_predictor,
@@ -63,7 +73,7 @@ from .evaluate import (
     records,
     summary,
 )
-from .train import train_model
+from .train import Selection, train_model
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +97,37 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> DictConfig:
         raise InputError(None, "train.batch_size", "at least 1", merged.train.batch_size)
     if merged.train.precision not in PRECISIONS:
         raise InputError(None, "train.precision", " or ".join(PRECISIONS), merged.train.precision)
+    if float(merged.eval.dilate_um) < 0:
+        raise InputError(None, "eval.dilate_um", "a distance in µm >= 0", merged.eval.dilate_um)
+    if merged.data.um_per_px is not None and float(merged.data.um_per_px) <= 0:
+        raise InputError(None, "data.um_per_px", "a resolution in µm/px > 0", merged.data.um_per_px)
+    if int(merged.controls.random_seeds) < 1 or int(merged.controls.n_boot) < 1:
+        raise InputError(None, "controls.random_seeds", "at least 1 (and controls.n_boot at least 1)", merged.controls)
     return merged
+
+
+def dilation_px(cfg: DictConfig, planted: Mapping | None) -> float:
+    """``eval.dilate_um`` in px of the tiles: over ``data.um_per_px``, else the synthetic set's µm/px."""
+    dilate_um = float(cfg.eval.dilate_um)
+    if dilate_um == 0:
+        return 0.0
+    um_per_px = cfg.data.um_per_px
+    if um_per_px is None and planted is not None:
+        um_per_px = planted.get("um_per_px")
+    if um_per_px is None:
+        raise InputError(
+            None, "data.um_per_px", "the tiles' resolution in µm/px when eval.dilate_um is set (ORION: 0.5)", None
+        )
+    return dilate_um / float(um_per_px)
+
+
+def _stale_synthetic(root: Path) -> str:
+    """Why a synthetic set at ``root`` must be repainted ('' when it is current or absent): sets painted
+    before flips followed prevalence (no ``flip_rule`` in truth.json) would cap the Cell AUC of rare markers."""
+    planted = read_planted(root) if (root / "he").is_dir() else None
+    if planted is not None and ("flip_rule" not in planted or "um_per_px" not in planted):
+        return "flat flip rate, no µm/px"
+    return ""
 
 
 def prepare_data(cfg: DictConfig) -> MIFLayout:
@@ -96,6 +136,10 @@ def prepare_data(cfg: DictConfig) -> MIFLayout:
     syn = cfg.data.synthetic
     if syn and syn.bundle:
         overwrite = bool(syn.overwrite)
+        stale = _stale_synthetic(root)
+        if stale:
+            log.warning("synthetic mIF set at %s was painted by an older version (%s); repainting it", root, stale)
+            overwrite = True
         if overwrite or not (root / "he").is_dir():
             if root.exists() and not overwrite and any(root.iterdir()):
                 raise InputError(
@@ -143,10 +187,15 @@ def _run_one(
     preprocessor: MIFPreprocessor,
     train_ds: MIFTileDataset,
     device: torch.device,
-) -> tuple[torch.nn.Module, pd.DataFrame]:
+    scorer: ValidationScorer | None,
+) -> tuple[torch.nn.Module, pd.DataFrame, Selection]:
     torch.manual_seed(int(cfg.seed))
     model = build_from_config(encoder, len(preprocessor.markers), cfg.model)
-    history = train_model(
+    precision = str(cfg.train.precision)
+    validate = None
+    if scorer is not None:
+        validate = lambda m: scorer(model_predictor(m, encoder, device, precision))  # noqa: E731
+    history, selection = train_model(
         model,
         encoder,
         train_ds,
@@ -156,8 +205,14 @@ def _run_one(
         seed=int(cfg.seed),
         progress=bool(cfg.progress),
         desc=f"mIF {name}",
+        validate=validate,
+        val_every=int(cfg.train.val_every),
     )
-    return model, history
+    return model, history, selection
+
+
+def _per_cell(cells: pd.DataFrame, markers: Sequence[str], suffix: str) -> np.ndarray:
+    return cells[[f"{m}_{suffix}" for m in markers]].to_numpy(np.float64)  # (n_cells, n_markers)
 
 
 def run_mif(cfg: DictConfig | Mapping[str, Any]) -> dict:
@@ -177,8 +232,15 @@ def run_mif(cfg: DictConfig | Mapping[str, Any]) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
     cache = bool(cfg.train.cache_tiles)
+    colour = bool(cfg.train.color_augment)
     train_ds = MIFTileDataset(
-        layout.split("train"), preprocessor, size_px=encoder.input_size_px, augment=bool(cfg.train.augment), cache=cache
+        layout.split("train"),
+        preprocessor,
+        size_px=encoder.input_size_px,
+        augment=bool(cfg.train.augment),
+        cache=cache,
+        hed_jitter=float(cfg.train.hed_jitter) if colour else 0.0,
+        brightness_jitter=float(cfg.train.brightness_jitter) if colour else 0.0,
     )
     val_ds = MIFTileDataset(layout.split("val"), preprocessor, cache=cache)
     test_ds = MIFTileDataset(layout.split("test"), preprocessor, cache=cache)
@@ -193,6 +255,8 @@ def run_mif(cfg: DictConfig | Mapping[str, Any]) -> dict:
         device,
     )
 
+    planted = read_planted(layout.root)
+    dilate_px = dilation_px(cfg, planted)
     eval_args = dict(
         val_ds=val_ds,
         test_ds=test_ds,
@@ -200,13 +264,22 @@ def run_mif(cfg: DictConfig | Mapping[str, Any]) -> dict:
         cell_markers=cell_markers,
         eval_cfg=cfg.eval,
         seed=int(cfg.seed),
+        dilate_px=dilate_px,
     )
+    scorer = None
+    if cell_markers and int(cfg.train.val_every) > 0:
+        scorer = ValidationScorer(val_ds, markers, cell_markers, cfg.eval, seed=int(cfg.seed), dilate_px=dilate_px)
     precision = str(cfg.train.precision)
     n_fig = min(int(cfg.eval.n_figure_tiles), len(test_ds))
     tables: dict[str, pd.DataFrame] = {}
+    histories: dict[str, pd.DataFrame] = {}
+    selections: dict[str, Selection] = {}
+    random_cells: dict[str, pd.DataFrame] = {}
     with torch_threads(cfg.train.threads):
         t0 = time.time()
-        model, history = _run_one("PAST encoder", encoder, cfg, preprocessor, train_ds, device)
+        model, histories["model"], selections["model"] = _run_one(
+            "PAST encoder", encoder, cfg, preprocessor, train_ds, device, scorer
+        )
         train_seconds = time.time() - t0
         model_dir = save_checkpoint(model, preprocessor, cfg, out_dir / "model", encoder.description)
         with contextlib.ExitStack() as stack:
@@ -214,19 +287,22 @@ def run_mif(cfg: DictConfig | Mapping[str, Any]) -> dict:
             tables["model"], cells, kept = evaluate_run(
                 model_predictor(model, encoder, device, precision), keep=n_fig, write_dir=write_dir, **eval_args
             )
-        baseline_history = None
         if cfg.baseline == "random":
-            random_encoder = random_like(encoder, seed=int(cfg.seed) + 1)
-            baseline_model, baseline_history = _run_one(
-                "random encoder", random_encoder, cfg, preprocessor, train_ds, device
-            )
-            tables["random encoder"], _, _ = evaluate_run(
-                model_predictor(baseline_model, random_encoder, device, precision), **eval_args
-            )
-            del baseline_model
+            n_random = int(cfg.controls.random_seeds)
+            for k in range(1, n_random + 1):
+                name = "random encoder" if n_random == 1 else f"random encoder {k}"
+                random_encoder = random_like(encoder, seed=int(cfg.seed) + k)
+                baseline_model, histories[name], selections[name] = _run_one(
+                    name, random_encoder, cfg, preprocessor, train_ds, device, scorer
+                )
+                tables[name], random_cells[name], _ = evaluate_run(
+                    model_predictor(baseline_model, random_encoder, device, precision), **eval_args
+                )
+                del baseline_model
         elif cfg.baseline == "mean":
             tables["mean baseline"], _, _ = evaluate_run(mean_predictor(preprocessor), **eval_args)
 
+    controls = _controls(cfg, cells, random_cells, cell_markers, planted, tables)
     result = _write_outputs(
         cfg,
         out_dir,
@@ -235,16 +311,60 @@ def run_mif(cfg: DictConfig | Mapping[str, Any]) -> dict:
         cell_markers,
         tables,
         cells,
-        history,
-        baseline_history,
+        histories,
+        selections,
+        controls,
         kept,
         test_ds,
         model,
         train_seconds,
         started,
+        dilate_px,
     )
     result["model_dir"] = model_dir
     return result
+
+
+def _controls(
+    cfg: DictConfig,
+    cells: pd.DataFrame,
+    random_cells: Mapping[str, pd.DataFrame],
+    cell_markers: Sequence[str],
+    planted: Mapping | None,
+    tables: dict[str, pd.DataFrame],
+) -> dict | None:
+    """The oracle rows (added to ``tables``: their per-marker Cell AUC is the data's ceiling) and
+    :func:`finetune.mif.controls.compare_runs` of the PAST encoder against the random encoders."""
+    if not cell_markers or not len(cells):
+        return None
+    labels = _per_cell(cells, cell_markers, "pos")
+    scores = {"PAST encoder": _per_cell(cells, cell_markers, "pred")}
+    for name, other in random_cells.items():
+        if not other[["tile", "label"]].equals(cells[["tile", "label"]]):
+            raise RuntimeError(f"{name}: test cells differ from the PAST encoder's run")  # same tiles, same nuclei
+        scores[name] = _per_cell(other, cell_markers, "pred")
+    oracle = shuffled = None
+    if planted is not None and cfg.controls.oracle:
+        oracle = "oracle (planted type)"
+        scores[oracle] = oracle_scores(cells, planted, cell_markers)
+        tables[oracle] = cell_auc_table(scores[oracle], labels, cell_markers).assign(
+            n_test_cells=len(labels), n_test_positive=np.nansum(labels, axis=0).astype(int)
+        )
+        if cfg.controls.shuffled_oracle:
+            shuffled = "oracle shuffled"
+            scores[shuffled] = shuffled_rows(scores[oracle], seed=int(cfg.seed))
+            tables[shuffled] = cell_auc_table(scores[shuffled], labels, cell_markers)
+    return compare_runs(
+        scores,
+        labels,
+        cells["tile"].to_numpy(),
+        main="PAST encoder",
+        randoms=list(random_cells),
+        oracle=oracle,
+        shuffled=shuffled,
+        n_boot=int(cfg.controls.n_boot),
+        seed=int(cfg.seed),
+    )
 
 
 def _loss_ends(history: pd.DataFrame) -> tuple[float, float]:
@@ -261,13 +381,15 @@ def _write_outputs(
     cell_markers: Sequence[str],
     tables: Mapping[str, pd.DataFrame],
     cells: pd.DataFrame | None,
-    history: pd.DataFrame,
-    baseline_history: pd.DataFrame | None,
+    histories: Mapping[str, pd.DataFrame],
+    selections: Mapping[str, Selection],
+    controls: dict | None,
     kept: Sequence[np.ndarray],
     test_ds: MIFTileDataset,
     model: torch.nn.Module,
     train_seconds: float,
     started: float,
+    dilate_px: float,
 ) -> dict:
     markers = preprocessor.markers
     per_marker = pd.concat([t.assign(run=name) for name, t in tables.items()], ignore_index=True)
@@ -277,9 +399,8 @@ def _write_outputs(
     if cells is not None and len(cells):
         with atomic_path(out_dir / "cells.csv") as tmp:
             cells.to_csv(tmp, index=False, float_format="%.6g")
-    log_frame = history.assign(run="model")
-    if baseline_history is not None:
-        log_frame = pd.concat([log_frame, baseline_history.assign(run="random encoder")], ignore_index=True)
+    history = histories["model"]
+    log_frame = pd.concat([h.assign(run=name) for name, h in histories.items()], ignore_index=True)
     with atomic_path(out_dir / "train_log.csv") as tmp:
         log_frame.to_csv(tmp, index=False, float_format="%.6g")
 
@@ -304,6 +425,11 @@ def _write_outputs(
         "tiles": {s: len(layout.split(s)) for s in ("train", "val", "test")},
         "n_test_cells": n_cells,
         "data_range": "PSNR/SSIM on targets in [-0.9, 0.9], data_range 1.8, predictions clipped",
+        "cell_auc": "ROC AUC of the mean predicted intensity per cell against the GMM-gated labels (MIPHEI); "
+        "auc_classifier: of the logistic regression fitted on validation cells",
+        "cell_region": {"dilate_um": float(cfg.eval.dilate_um), "dilate_px": round(float(dilate_px), 3)},
+        "checkpoint": {name: sel.as_dict() for name, sel in selections.items()},
+        "controls": None if controls is None else {k: v for k, v in controls.items() if k != "text"},
         "summary": {name: summary(t) for name, t in tables.items()},
         "per_marker": {name: records(t) for name, t in tables.items()},
         "train": {
@@ -320,12 +446,21 @@ def _write_outputs(
     }
     write_metrics(out_dir / "metrics.json", metrics)
 
+    region = f"nuclei grown by {float(cfg.eval.dilate_um):g} µm" if dilate_px else "nuclei"
     print(
         f"\nmIF prediction (MIPHEI head, {cfg.model.variant}, {cfg.model.finetune}) on {len(test_ds)} test tiles, "
-        f"{n_cells} test cells; cell classifier trained on {len(layout.split('val'))} validation tiles"
+        f"{n_cells} test cells; Cell AUC = AUC of the mean predicted intensity per cell ({region}) against the "
+        f"gated labels; clf AUC / F1 / bal.acc from a classifier trained on {len(layout.split('val'))} validation tiles"
     )
     for name, table in tables.items():
-        print("\n" + format_table(table, title=f"[{name}]"))
+        title = f"[{name}]"
+        if name.startswith("oracle (planted"):
+            title += " the planted cell type as the prediction: what knowing each cell's type gives (ceiling)"
+        elif name in selections and selections[name].score is not None:
+            title += f" checkpoint of step {selections[name].step} (validation Cell AUC {selections[name].score:.3f})"
+        print("\n" + format_table(table, title=title))
+    if controls is not None:
+        print("\n" + controls["text"])
     print(
         f"\ntraining: {len(history)} steps in {train_seconds:.0f} s, loss {loss_first:.4f} → {loss_last:.4f}; "
         f"total {elapsed:.0f} s"

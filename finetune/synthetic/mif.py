@@ -77,6 +77,26 @@ def _af_counts(eosin_rel: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return (AF_BASE + AF_GAIN * np.clip(eosin_rel, 0, 1.5)) * np.clip(1.0 + 0.4 * broad, 0.3, 2.0)
 
 
+def flip_rates(cell_types: np.ndarray, flip_rate: float) -> dict[str, tuple[float, float, float]]:
+    """marker → (p_off, p_on, prevalence): flip probabilities of type-positive and type-negative cells.
+
+    ``prevalence`` is the share of ``cell_types`` whose type expresses the marker. A share ``flip_rate``
+    of the positives loses it (p_off) and as many negatives gain it (p_on = flip_rate·prevalence /
+    (1 − prevalence)): the flips are proportional to the prevalence and keep it unchanged, and a
+    predictor that knows each cell's type still ranks a flipped-on cell low — its best Cell AUC is
+    ``1 − (p_off + p_on) / 2``, not the 0.6-0.7 that a flat share of all cells gives a rare marker.
+    """
+    cell_types = np.asarray(cell_types, dtype=str)
+    out = {}
+    for marker, (role, types, _, _) in SYNTHETIC_PANEL.items():
+        if role == "nuclear":
+            continue
+        prevalence = float(np.isin(cell_types, types).mean()) if len(cell_types) else 0.0
+        p_on = flip_rate * prevalence / (1.0 - prevalence) if prevalence < 1.0 else 0.0
+        out[marker] = (float(flip_rate), float(min(p_on, 1.0)), prevalence)
+    return out
+
+
 def write_synthetic_mif(
     root: str | Path,
     tiles: Sequence[CellTile],
@@ -92,7 +112,9 @@ def write_synthetic_mif(
     (endothelial, membrane), SMA (fibroblasts, cytoplasm) and AF, a broad autofluorescence that follows the
     H&E's eosin (times a broad random field). Each marker channel is ``Poisson(signal + λ·AF) + offset + N(0, read noise)`` in uint16,
     with the λ of SYNTHETIC_PANEL; the AF channel is ``Poisson(AF) + offset + noise``. A cell expresses a
-    marker when its planted type does, flipped with probability ``flip_rate`` (so gating has errors to find);
+    marker when its planted type does, with flips proportional to the marker's prevalence (:func:`flip_rates`):
+    a share ``flip_rate`` of the type-positive cells loses the marker and as many type-negative cells gain
+    it, so a rare marker keeps a best achievable Cell AUC near 1 − flip_rate instead of drowning in flips;
     expression varies per cell (log-normal, σ 0.35). ``unassigned`` nuclei express no marker but DAPI.
 
     Writes ``he/``, ``mif/`` (OME-TIFF with channel names), ``nuclei/``, ``markers.csv`` and ``truth.json``
@@ -110,6 +132,11 @@ def write_synthetic_mif(
         raise InputError(None, "flip_rate", "a probability in [0, 0.5)", flip_rate)
     rng = np.random.default_rng(seed)
     names = list(SYNTHETIC_PANEL) + [AF_CHANNEL]
+    all_types = np.concatenate([np.asarray(t.cell_types, dtype=str) for t in tiles])
+    rates = flip_rates(all_types, flip_rate)
+    um_per_px = {float(t.um_per_px) for t in tiles}
+    if len(um_per_px) != 1:
+        raise InputError(None, "tiles", "tiles of one resolution (µm/px)", sorted(um_per_px))
     eosin = [_eosin_field(t.he_rgb) for t in tiles]
     eosin_scale = float(np.percentile(np.concatenate([e.ravel() for e in eosin]), 99)) or 1.0
     truth: dict[str, Any] = {
@@ -121,6 +148,12 @@ def write_synthetic_mif(
         "expressed_by": {m: list(spec[1]) if spec[1] else "all" for m, spec in SYNTHETIC_PANEL.items()},
         "compartment": {m: spec[2] for m, spec in SYNTHETIC_PANEL.items()},
         "flip_rate": flip_rate,
+        "flip_rule": "type-positive cells lose the marker with p_off, type-negative cells gain it with p_on "
+        "= flip_rate·prevalence/(1 − prevalence)",
+        "flip_probabilities": {
+            m: {"p_off": off, "p_on": on, "prevalence": prev} for m, (off, on, prev) in rates.items()
+        },
+        "um_per_px": um_per_px.pop(),
         "ring_px": ring_px,
         "seed": seed,
         "tiles": {},
@@ -135,8 +168,8 @@ def write_synthetic_mif(
             for marker, (role, types, compartment, lam) in SYNTHETIC_PANEL.items():
                 expressed = np.ones(n, bool) if role == "nuclear" else np.isin(tile.cell_types, types)
                 if role != "nuclear":
-                    flips = rng.random(n) < flip_rate
-                    expressed = expressed ^ flips
+                    p_off, p_on, _ = rates[marker]
+                    expressed = expressed ^ (rng.random(n) < np.where(expressed, p_off, p_on))
                 positive[marker] = expressed.tolist()
                 amplitude = SIGNAL_COUNTS[compartment] * rng.lognormal(0.0, 0.35, size=n) * expressed  # (n,)
                 weight, owner = _compartment_profile(tile.nuclei, compartment, ring_px)
@@ -179,5 +212,6 @@ __all__ = [
     "AF_BASE",
     "AF_GAIN",
     "SIGNAL_COUNTS",
+    "flip_rates",
     "write_synthetic_mif",
 ]

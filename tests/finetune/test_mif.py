@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import tifffile
 import torch
@@ -196,7 +197,9 @@ def test_cell_metrics_perfect_and_random_predictors():
     one_class = labels.copy()
     one_class[:n, 1] = 0
     table, _ = cell_classifier_metrics(perfect[:n], one_class[:n], perfect[n:], one_class[n:], ["A", "B"])
-    assert np.isfinite(table.loc[0, "cell_auc"]) and np.isnan(table.loc[1, "cell_auc"])
+    # the classifier needs both classes among validation cells; the Cell AUC of the intensities does not
+    assert np.isfinite(table.loc[0, "auc_classifier"]) and np.isnan(table.loc[1, "auc_classifier"])
+    assert np.allclose(table["cell_auc"], 1.0)
 
 
 def test_nucleus_means_match_a_loop():
@@ -262,13 +265,41 @@ def test_run_mif_end_to_end(tmp_path, synthetic_set):
                 "cache_tiles": True,
                 "device": "cpu",
                 "log_every": 20,
+                "val_every": 20,
             },
-            "eval": {"min_nucleus_area_px": 5, "n_figure_tiles": 2},
+            "eval": {"min_nucleus_area_px": 5, "n_figure_tiles": 2, "dilate_um": 1.8},
+            "baseline": "random",
+            "controls": {"random_seeds": 1, "n_boot": 100},
         }
     )
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["marker"] for r in metrics["per_marker"]["model"]] == ["DAPI", "Pan-CK", "CD45", "CD31", "SMA"]
     assert metrics["train"]["steps"] == 40
+    # 1.8 µm at the procedural tiles' 0.9 µm/px (truth.json) = 2 px
+    assert metrics["cell_region"]["dilate_px"] == pytest.approx(2.0)
+    # the kept checkpoint is the best of those scored on validation cells
+    for run in ("model", "random encoder"):
+        chosen = metrics["checkpoint"][run]
+        assert set(chosen["checkpoints"]) == {"20", "40"}
+        assert chosen["val_cell_auc"] == max(chosen["checkpoints"].values())
+    # the controls: oracle (planted types) with its per-marker ceiling, the shuffled oracle, the random encoder
+    controls = metrics["controls"]
+    assert set(controls["runs"]) == {"PAST encoder", "random encoder", "oracle (planted type)", "oracle shuffled"}
+    oracle = controls["runs"]["oracle (planted type)"]["mean_cell_auc"]
+    assert oracle > controls["runs"]["oracle shuffled"]["mean_cell_auc"] and oracle > 0.7
+    assert "passes" in controls["gate"] and controls["n_blocks"] == metrics["tiles"]["test"]
+    assert controls["versus_random"]["shown"] == controls["gate"]["passes"]
+    ceiling = {r["marker"]: r["cell_auc"] for r in metrics["per_marker"]["oracle (planted type)"]}
+    assert set(ceiling) == {"Pan-CK", "CD45", "CD31", "SMA"}
+    cells = pd.read_csv(out / "cells.csv")
+    for column in ("tile", "label", "CD45_pred", "CD45_measured", "CD45_pos", "CD45_prob"):
+        assert column in cells.columns, column
+    # the headline Cell AUC is the AUC of the predicted means written to cells.csv
+    from sklearn.metrics import roc_auc_score
+
+    known = cells["SMA_pos"].notna()
+    row = next(r for r in metrics["per_marker"]["model"] if r["marker"] == "SMA")
+    assert row["cell_auc"] == pytest.approx(roc_auc_score(cells["SMA_pos"][known], cells["SMA_pred"][known]), abs=1e-4)
     assert result["loss_last"] < 0.7 * result["loss_first"]
     for name in (
         "examples.png",
