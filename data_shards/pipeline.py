@@ -222,7 +222,8 @@ def _sample_meta(
 
 def encode_threads(cfg: DictConfig) -> int:
     """JPEG-encoding threads per slide process: ``shards.encode_threads``, else the cores left per worker."""
-    if cfg.shards.get("encode_threads"):
+    cfg = apply_schema(DataConfig, cfg)
+    if cfg.shards.encode_threads:
         return max(1, int(cfg.shards.encode_threads))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // max(1, int(cfg.workers)))
