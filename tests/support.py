@@ -67,3 +67,35 @@ def serve_flaky(folder: Path, failures: int) -> tuple[FlakyServer, str]:
     server = FlakyServer(folder, failures)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def end_process_group() -> None:
+    """Destroy this process's torch.distributed group and DeepSpeed's cached copies of it.
+
+    DeepSpeed caches the world/data-parallel groups it derives (``deepspeed.utils.groups``); after
+    ``destroy_process_group`` those point at a dead group, and the next in-process engine fails with
+    "Group ... is not registered". Tests that start and end groups in one process call this instead.
+    """
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for name in (
+        "_WORLD_GROUP",
+        "_ZERO_PARAM_INTRA_PARALLEL_GROUP",
+        "_TENSOR_MODEL_PARALLEL_GROUP",
+        "_MODEL_PARALLEL_GROUP",
+        "_DATA_PARALLEL_GROUP",
+    ):
+        if hasattr(groups, name):
+            setattr(groups, name, None)
+    for name in (
+        "_EXPERT_PARALLEL_GROUP",
+        "_EXPERT_PARALLEL_GROUP_RANKS",
+        "_EXPERT_DATA_PARALLEL_GROUP",
+        "_EXPERT_DATA_PARALLEL_GROUP_RANKS",
+        "_ALL_TO_ALL_GROUP",
+    ):
+        if isinstance(getattr(groups, name, None), dict):
+            getattr(groups, name).clear()

@@ -34,6 +34,7 @@ from data_shards.vocabulary import PAD, Vocabulary
 from pretrain import checkpoint as ckpt
 from pretrain.config import PretrainConfig
 from pretrain.export import export_checkpoint, load_cell_encoder, load_image_encoder
+from tests.support import end_process_group
 
 pytestmark = pytest.mark.slow  # DeepSpeed engines (about 5 s each after imports)
 
@@ -216,7 +217,7 @@ def runs(tmp_path_factory):
             }
         finally:
             if started_here:
-                dist.destroy_process_group()
+                end_process_group()
     write_json(stages[1][0] / "final_metrics.json", FINAL_METRICS)
     return {"manifest": manifest, "stages": stages, "root": root}
 

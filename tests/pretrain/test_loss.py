@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from common.errors import InputError
 from pretrain.loss import LearnableTemperature, retrieval_accuracy, similarity_adjusted_loss
+from tests.support import end_process_group
 
 WORLD_SIZE = 2
 GLOBAL_BATCH, IN_DIM, EMB_DIM = 8, 5, 4
@@ -176,7 +177,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             result["uneven_error"] = str(error)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        end_process_group()
 
 
 def test_two_gloo_ranks_equal_single_process(tmp_path):
@@ -268,7 +269,7 @@ def _mix_worker(rank: int, init_file: str, out_dir: str) -> None:
         param_grads = _rank_averaged_grads(modules)
         torch.save({"loss": loss.detach(), "param_grads": param_grads}, Path(out_dir) / f"mix_rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        end_process_group()
 
 
 def test_two_gloo_ranks_equal_single_process_with_target_mix(tmp_path):

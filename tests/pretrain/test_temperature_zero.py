@@ -17,6 +17,7 @@ from torch import nn
 
 from pretrain.loss import LearnableTemperature, similarity_adjusted_loss
 from pretrain.training_module import PASTTrainingModule
+from tests.support import end_process_group
 
 TAU_MIN, TAU_INIT, TAU_MAX = 0.01, 0.07, 0.0702  # init 0.3 % below max: the first step reaches the bound
 
@@ -71,7 +72,7 @@ def deepspeed_cpu():
             yield deepspeed
         finally:
             if started_here:
-                dist.destroy_process_group()
+                end_process_group()
 
 
 def _engine(deepspeed, stage: int, bf16: bool):
