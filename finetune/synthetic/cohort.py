@@ -84,6 +84,34 @@ def _censoring_rate(event_times: np.ndarray, unit_draws: np.ndarray, fraction: f
     return float(np.sqrt(low * high))
 
 
+def _survival_times(
+    rng: np.random.Generator,
+    log_hazard: np.ndarray,
+    censoring_fraction: float,
+    baseline_median_months: float,
+    follow_up_months: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(months, censored) per patient: exponential event times with hazard baseline·exp(log_hazard),
+    censored by the end of follow-up or an independent exponential time tuned to `censoring_fraction`."""
+    n_patients = len(log_hazard)
+    baseline_rate = np.log(2) / baseline_median_months  # per month
+    event_months = -np.log(rng.uniform(size=n_patients)) / (baseline_rate * np.exp(log_hazard))
+    censor_draws = rng.uniform(size=n_patients)
+    rate = _censoring_rate(event_months, censor_draws, censoring_fraction, follow_up_months)
+    censor_months = -np.log(censor_draws) / rate if rate > 0 else np.full(n_patients, np.inf)
+    censor_months = np.minimum(censor_months, follow_up_months)  # end of the study
+    censored = censor_months < event_months
+    return np.minimum(event_months, censor_months), censored
+
+
+def _signature_genes() -> tuple[list[tuple[str, str]], dict[str, float]]:
+    """(group, gene) of every signature gene, and the genomic latent's loadings (suppressors −, oncogenes +)."""
+    genes = [(group, gene) for group, members in SIGNATURE_GROUPS.items() for gene in members]
+    loadings = {g: -0.8 for g in SIGNATURE_GROUPS["Tumor Suppression"]}
+    loadings.update({g: 0.8 for g in SIGNATURE_GROUPS["Oncogenesis"]})
+    return genes, loadings
+
+
 def make_cohort(
     out_dir: str | Path,
     n_patients: int = 80,
@@ -124,14 +152,7 @@ def make_cohort(
 
     z_image, z_genomic, z_cell = rng.standard_normal((3, n_patients))
     log_hazard = image_effect * z_image + genomic_effect * z_genomic + cell_effect * z_cell
-    baseline_rate = np.log(2) / baseline_median_months  # per month
-    event_months = -np.log(rng.uniform(size=n_patients)) / (baseline_rate * np.exp(log_hazard))
-    censor_draws = rng.uniform(size=n_patients)
-    rate = _censoring_rate(event_months, censor_draws, censoring_fraction, follow_up_months)
-    censor_months = -np.log(censor_draws) / rate if rate > 0 else np.full(n_patients, np.inf)
-    censor_months = np.minimum(censor_months, follow_up_months)  # end of the study
-    censored = censor_months < event_months
-    months = np.minimum(event_months, censor_months)
+    months, censored = _survival_times(rng, log_hazard, censoring_fraction, baseline_median_months, follow_up_months)
 
     case_ids = [f"P{i:04d}" for i in range(n_patients)]
     direction_image = _unit(image_rng, embedding_dim)
@@ -139,9 +160,7 @@ def make_cohort(
     image_scale = float(np.std(patch_pool @ direction_image)) if patch_pool is not None else 1.0
 
     rows, slide_rows = [], {}
-    genes = [(group, gene) for group, members in SIGNATURE_GROUPS.items() for gene in members]
-    loadings = {g: -0.8 for g in SIGNATURE_GROUPS["Tumor Suppression"]}
-    loadings.update({g: 0.8 for g in SIGNATURE_GROUPS["Oncogenesis"]})
+    genes, loadings = _signature_genes()
     cell_means = np.zeros((n_patients, cell_dim), np.float32)
     with atomic_dir(out_dir) as tmp:
         (tmp / "patch_embeddings").mkdir()
@@ -311,17 +330,9 @@ def make_shared_cohort(
     site_names = None if sites is None else np.unique(sites)
     z_image, z_genomic, z_cell = rng.standard_normal((3, n_patients))
     log_hazard = image_effect * z_image + genomic_effect * z_genomic + (0.0 if real_cells else cell_effect * z_cell)
-    baseline_rate = np.log(2) / baseline_median_months
-    event_months = -np.log(rng.uniform(size=n_patients)) / (baseline_rate * np.exp(log_hazard))
-    censor_draws = rng.uniform(size=n_patients)
-    rate = _censoring_rate(event_months, censor_draws, censoring_fraction, follow_up_months)
-    censor_months = np.minimum(-np.log(censor_draws) / rate if rate > 0 else np.inf, follow_up_months)
-    censored = censor_months < event_months
-    months = np.minimum(event_months, censor_months)
+    months, censored = _survival_times(rng, log_hazard, censoring_fraction, baseline_median_months, follow_up_months)
 
-    genes = [(group, gene) for group, members in SIGNATURE_GROUPS.items() for gene in members]
-    loadings = {g: -0.8 for g in SIGNATURE_GROUPS["Tumor Suppression"]}
-    loadings.update({g: 0.8 for g in SIGNATURE_GROUPS["Oncogenesis"]})
+    genes, loadings = _signature_genes()
     if real_cells:
         cell_dim = next(len(e[0]) for e in tile_cell_embeddings if len(e))
     direction_cell = _unit(rng, cell_dim)
