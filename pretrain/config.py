@@ -118,6 +118,16 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Optional Weights & Biases logging of the same scalars as TensorBoard (rank 0; needs `pip install wandb`)."""
+
+    enabled: bool = False  # off by default: TensorBoard is always written
+    project: str = "past-pretrain"  # W&B project
+    run_name: Optional[str] = None  # display name; null = the out_dir's name
+    mode: str = "offline"  # offline (files under <out_dir>/wandb, `wandb sync` later) | online | disabled
+
+
+@dataclass
 class LogConfig:
     """TensorBoard scalars and the final metrics."""
 
@@ -125,6 +135,7 @@ class LogConfig:
     window_steps: int = 20  # final metrics average the last N steps
     per_rank_limit: int = 16  # write per-rank throughput scalars up to this many ranks
     peak_tflops_per_device: Optional[float] = None  # for MFU (e.g. 312 for A100 bf16, 989 for H100 SXM)
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # optional W&B mirror of the scalars
 
 
 @dataclass

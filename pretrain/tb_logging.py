@@ -12,9 +12,12 @@ import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from common.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +105,47 @@ def throughput_scalars(
     return scalars
 
 
-class ScalarWriter:
-    """TensorBoard SummaryWriter in ``<out>/tensorboard`` on rank 0; a no-op on other ranks."""
+WANDB_MODES = ("offline", "online", "disabled")
+WANDB_ID_FILE = "wandb_run_id"
 
-    def __init__(self, log_dir: str | Path, enabled: bool, purge_step: int | None = None):
+
+def start_wandb(settings: Mapping[str, Any], out_dir: Path, config: Mapping[str, Any]) -> Any:
+    """A W&B run for ``log.wandb`` settings, or None when disabled. The run id is kept in
+    ``<out_dir>/wandb_run_id`` so that a resumed job (resume=latest) continues the same W&B run."""
+    if not settings.get("enabled"):
+        return None
+    mode = str(settings.get("mode", "offline"))
+    if mode not in WANDB_MODES:
+        raise InputError(None, "log.wandb.mode", f"one of {WANDB_MODES}", mode)
+    try:
+        import wandb
+    except ImportError as exc:
+        raise InputError(
+            None, "log.wandb.enabled", "the wandb package (pip install -e '.[wandb]')", "not installed"
+        ) from exc
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    id_file = out_dir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    id_file.write_text(run_id + "\n")
+    return wandb.init(
+        project=str(settings.get("project", "past-pretrain")),
+        name=settings.get("run_name") or out_dir.name,
+        id=run_id,
+        resume="allow",
+        mode=mode,
+        dir=str(out_dir),
+        config=dict(config),
+    )
+
+
+class ScalarWriter:
+    """TensorBoard SummaryWriter in ``<out>/tensorboard`` on rank 0 (and the same scalars to a W&B run
+    when one is given); a no-op on other ranks."""
+
+    def __init__(self, log_dir: str | Path, enabled: bool, purge_step: int | None = None, wandb_run: Any = None):
         self.writer = None
+        self.wandb_run = wandb_run if enabled else None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -118,6 +157,8 @@ class ScalarWriter:
             return
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, global_step=step)
+        if self.wandb_run is not None:
+            self.wandb_run.log(dict(scalars), step=step)
 
     def flush(self) -> None:
         if self.writer is not None:
@@ -127,3 +168,6 @@ class ScalarWriter:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None

@@ -70,7 +70,7 @@ from .models import (
     resolve_model_config,
 )
 from .schedule import WarmupCosineSchedule, check_schedule, target_mix_at
-from .tb_logging import ScalarWriter, StepTimer, WindowMean, gather_floats, throughput_scalars
+from .tb_logging import ScalarWriter, StepTimer, WindowMean, gather_floats, start_wandb, throughput_scalars
 from .training_module import PASTTrainingModule, parameter_groups, resolve_model_section
 
 log = logging.getLogger(__name__)
@@ -325,6 +325,11 @@ class Trainer:
             self.out_dir / "tensorboard",
             enabled=self.is_rank0,
             purge_step=self.position.step + 1 if self.resume_tag else None,
+            wandb_run=(
+                start_wandb(cfg.log.wandb, self.out_dir, OmegaConf.to_container(cfg, resolve=True))
+                if self.is_rank0
+                else None
+            ),
         )
         self.sample_log = _SampleLog(
             self.out_dir / "debug" / f"samples_rank{self.rank}.jsonl" if cfg.debug.log_samples else None
