@@ -113,7 +113,7 @@ def _print_truth_error(truth_path: Path, registration: Registration, slide_id: s
     if registration.n_regions > 1:
         fixed = np.vstack([r.fixed_um for r in registration.regions])
         moving = np.vstack([r.moving_px for r in registration.regions])
-        global_rms = rms_um(Registration.global_fit(fixed, moving).map(xy_um))
+        global_rms = rms_um(Registration.global_fit(fixed, moving, mirror_x=registration.mirror_x).map(xy_um))
         line += f" with {registration.n_regions} regions, {global_rms:.2f} µm with one global transform"
     print(line)
 
