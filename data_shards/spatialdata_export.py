@@ -32,7 +32,7 @@ from common.errors import InputError
 
 from .register import Registration, apply_transform
 from .slide import Slide
-from .xenium import read_boundaries, read_xenium
+from .xenium import boundary_polygons, read_xenium
 
 MIN_PYRAMID_SIDE_PX = 1024
 
@@ -65,15 +65,8 @@ def _polygons(bundle: Path, kind: str, cell_ids: set[str]):
     import geopandas as gpd
     from shapely.geometry import Polygon
 
-    table = read_boundaries(bundle, kind)
-    table = table[table["cell_id"].isin(cell_ids)]
-    ids = table["cell_id"].to_numpy()
-    xy = table[["vertex_x", "vertex_y"]].to_numpy(np.float64)
-    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
-    ends = np.r_[starts[1:], len(ids)]
-    frame = gpd.GeoDataFrame(
-        {"geometry": [Polygon(xy[s:e]) for s, e in zip(starts, ends)]}, index=[str(ids[s]) for s in starts]
-    )
+    polygons = boundary_polygons(bundle, kind, cell_ids)
+    frame = gpd.GeoDataFrame({"geometry": [Polygon(xy) for xy in polygons.values()]}, index=list(polygons))
     frame.index.name = "cell_id"
     return frame
 

@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "read_xenium",
     "read_boundaries",
+    "boundary_polygons",
     "read_experiment",
     "cells_table_path",
     "read_centroids_um",
@@ -275,6 +276,18 @@ def read_boundaries(bundle_dir: str | Path, kind: str = "cell") -> pd.DataFrame:
         if n_nan:
             raise InputError(path, axis, "finite vertex coordinates in µm", f"{n_nan} NaN values")
     return frame
+
+
+def boundary_polygons(bundle_dir: str | Path, kind: str, cell_ids: Iterable[str]) -> dict[str, np.ndarray]:
+    """cell id -> (n, 2) float64 boundary vertices in µm (first vertex repeated last, as XOA writes
+    them), for the ``cell_ids`` that have a polygon; the vertices of a cell are consecutive rows."""
+    table = read_boundaries(bundle_dir, kind)
+    table = table[table["cell_id"].isin(set(cell_ids))]
+    ids = table["cell_id"].to_numpy()
+    xy_um = table[["vertex_x", "vertex_y"]].to_numpy(np.float64)
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    ends = np.r_[starts[1:], len(ids)]
+    return {str(ids[s]): xy_um[s:e] for s, e in zip(starts, ends)}
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import pandas as pd
 from common.errors import InputError
 from data_shards.manifest import load_manifest
 from data_shards.register import Registration
-from data_shards.xenium import read_boundaries
+from data_shards.xenium import boundary_polygons
 
 from ..genes.data import resolve_bundle
 from .geojson import cell_feature
@@ -102,13 +102,7 @@ def classification_of(adata: anndata.AnnData, column: str, main: str, path: Path
 
 def polygons_px(bundle: Path, registration: Registration, cell_ids: Sequence[str], kind: str) -> dict[str, np.ndarray]:
     """cell id -> (n, 2) boundary vertices in H&E level-0 px (pixel-centre convention), for ``cell_ids``."""
-    table = read_boundaries(bundle, kind)
-    table = table[table["cell_id"].isin(set(cell_ids))]
-    xy_px = registration.map(table[["vertex_x", "vertex_y"]].to_numpy(np.float64))  # (n_vertices, 2) µm -> px
-    ids = table["cell_id"].to_numpy()
-    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
-    ends = np.r_[starts[1:], len(ids)]
-    return {str(ids[s]): xy_px[s:e] for s, e in zip(starts, ends)}
+    return {cell: registration.map(xy_um) for cell, xy_um in boundary_polygons(bundle, kind, cell_ids).items()}
 
 
 def check_positions(
